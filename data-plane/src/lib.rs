@@ -1,0 +1,1 @@
+//! Tollgate data plane (the proxy). Built in a later issue; empty for now.

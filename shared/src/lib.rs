@@ -1,0 +1,20 @@
+//! Tollgate's shared contract between the control plane and the data plane.
+//!
+//! No I/O lives here (no tokio, axum, hyper, sqlx or redis). Read in this order:
+//!
+//! - [`validate`]: how every problem in a piece of config is reported at once, with a field path.
+//! - [`model`]: the configuration resources operators write (upstreams, routes, consumers,
+//!   plans, JWT issuers) and the stored envelope around them.
+//! - [`snapshot`]: everything a data plane needs, with its revision and content hash.
+
+pub mod model;
+pub mod snapshot;
+pub mod validate;
+
+pub use model::{
+    ApiKeyAuth, AuthPolicy, Consumer, FailurePolicy, HeaderTransform, HealthCheck, JwtAuth,
+    JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit, RateLimitBy, Route,
+    RouteRateLimit, Stored, Target, Timeouts, Transforms, Upstream,
+};
+pub use snapshot::{ApiKeyDigest, ApiKeyEntry, Snapshot};
+pub use validate::{FieldError, Validate, ValidationErrors};
