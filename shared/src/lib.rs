@@ -13,8 +13,8 @@ pub mod validate;
 
 pub use model::{
     ApiKeyAuth, AuthPolicy, Consumer, FailurePolicy, HeaderTransform, HealthCheck, JwtAuth,
-    JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit, RateLimitBy, Route,
-    RouteRateLimit, Stored, Target, Timeouts, Transforms, Upstream,
+    JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit, RateLimitBy,
+    Reference, ResourceKind, Route, RouteRateLimit, Stored, Target, Timeouts, Transforms, Upstream,
 };
 pub use snapshot::{ApiKeyDigest, ApiKeyEntry, Snapshot};
 pub use validate::{FieldError, Validate, ValidationErrors};

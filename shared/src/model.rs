@@ -19,22 +19,136 @@ pub const MAX_LIMIT: i64 = 1_000_000_000_000;
 pub const MAX_WINDOW_SECONDS: i64 = 366 * 24 * 3600;
 
 /// A stored resource: the operator's spec plus the identity and timestamps the store assigns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stored<T> {
     /// Stable identifier assigned at creation (UUID v7).
-    #[schema(example = "01936f3a-8d2c-7b7e-9f4e-4c1d2b3a4f5e")]
     pub id: String,
     /// Creation time, RFC 3339, UTC.
-    #[schema(example = "2026-11-28T10:00:00Z")]
     pub created_at: String,
     /// Last change, RFC 3339, UTC.
-    #[schema(example = "2026-11-28T10:00:00Z")]
     pub updated_at: String,
     /// The config revision that last changed this resource.
     pub revision: i64,
     /// The resource itself.
     #[serde(flatten)]
     pub spec: T,
+}
+
+/// The kinds of named resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceKind {
+    /// [`Upstream`]
+    Upstream,
+    /// [`Route`]
+    Route,
+    /// [`Consumer`]
+    Consumer,
+    /// [`Plan`]
+    Plan,
+    /// [`JwtIssuer`]
+    JwtIssuer,
+}
+
+impl ResourceKind {
+    /// Singular, as used in messages and stored in the database: `upstream`, `jwt_issuer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::Route => "route",
+            Self::Consumer => "consumer",
+            Self::Plan => "plan",
+            Self::JwtIssuer => "jwt_issuer",
+        }
+    }
+
+    /// Human label for messages: `upstream`, `JWT issuer`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::JwtIssuer => "JWT issuer",
+            other => other.as_str(),
+        }
+    }
+}
+
+/// A by-name reference from one resource to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// Field of the referring resource, e.g. `upstream` or `auth.jwt.issuers[0]`.
+    pub field: String,
+    /// Kind of the resource referred to.
+    pub kind: ResourceKind,
+    /// Its name.
+    pub name: String,
+}
+
+impl Reference {
+    fn new(field: impl Into<String>, kind: ResourceKind, name: &str) -> Self {
+        Self {
+            field: field.into(),
+            kind,
+            name: name.to_string(),
+        }
+    }
+}
+
+// One schema per resource (`StoredRoute`, …): the spec's fields plus the store's. Written by
+// hand because the derive names every `Stored<T>` plainly `Stored`.
+impl<T: ToSchema> utoipa::PartialSchema for Stored<T> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
+        let text = |description: &str, example: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+                .examples([serde_json::json!(example)])
+        };
+        let store_fields = ObjectBuilder::new()
+            .property(
+                "id",
+                text(
+                    "Stable identifier assigned at creation (UUID v7).",
+                    "01936f3a-8d2c-7b7e-9f4e-4c1d2b3a4f5e",
+                ),
+            )
+            .property(
+                "created_at",
+                text("Creation time, RFC 3339, UTC.", "2026-11-28T10:00:00Z"),
+            )
+            .property(
+                "updated_at",
+                text("Last change, RFC 3339, UTC.", "2026-11-28T10:00:00Z"),
+            )
+            .property(
+                "revision",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .description(Some("The config revision that last changed this resource.")),
+            )
+            .required("id")
+            .required("created_at")
+            .required("updated_at")
+            .required("revision");
+        AllOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name(T::name()))
+            .item(store_fields)
+            .into()
+    }
+}
+
+impl<T: ToSchema> ToSchema for Stored<T> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("Stored{}", T::name()).into()
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((T::name().into_owned(), T::schema()));
+        T::schemas(schemas);
+    }
 }
 
 // ---------------------------------------------------------------- upstreams
@@ -423,7 +537,10 @@ impl Validate for Route {
             if !METHODS.contains(&method.as_str()) {
                 errors.push(
                     format!("methods[{i}]"),
-                    format!("unknown method '{method}' (use one of {})", METHODS.join(", ")),
+                    format!(
+                        "unknown method '{method}' (use one of {})",
+                        METHODS.join(", ")
+                    ),
                 );
             }
         }
@@ -445,7 +562,12 @@ impl Validate for Route {
         if let Some(limit) = &self.rate_limit {
             errors.nested("rate_limit", |errors| {
                 check_positive(errors, "requests", limit.requests, MAX_LIMIT);
-                check_positive(errors, "window_seconds", limit.window_seconds, MAX_WINDOW_SECONDS);
+                check_positive(
+                    errors,
+                    "window_seconds",
+                    limit.window_seconds,
+                    MAX_WINDOW_SECONDS,
+                );
                 if limit.by == RateLimitBy::Consumer && self.auth.is_none() {
                     errors.push("by", "'consumer' needs the route to have auth");
                 }
@@ -458,6 +580,36 @@ impl Validate for Route {
         if let Some(max) = self.max_body_bytes {
             check_range(errors, "max_body_bytes", max, 0, i64::MAX);
         }
+    }
+}
+
+impl Route {
+    /// Every resource this route names: its upstream, JWT issuers and allowed consumers.
+    pub fn references(&self) -> Vec<Reference> {
+        let mut references = vec![Reference::new(
+            "upstream",
+            ResourceKind::Upstream,
+            &self.upstream,
+        )];
+        if let Some(auth) = &self.auth {
+            if let Some(jwt) = &auth.jwt {
+                for (i, issuer) in jwt.issuers.iter().enumerate() {
+                    references.push(Reference::new(
+                        format!("auth.jwt.issuers[{i}]"),
+                        ResourceKind::JwtIssuer,
+                        issuer,
+                    ));
+                }
+            }
+            for (i, consumer) in auth.allowed_consumers.iter().enumerate() {
+                references.push(Reference::new(
+                    format!("auth.allowed_consumers[{i}]"),
+                    ResourceKind::Consumer,
+                    consumer,
+                ));
+            }
+        }
+        references
     }
 }
 
@@ -476,7 +628,11 @@ impl Validate for AuthPolicy {
             for (i, issuer) in jwt.issuers.iter().enumerate() {
                 check_name(errors, &format!("jwt.issuers[{i}]"), issuer);
             }
-            check_unique(errors, "jwt.issuers", jwt.issuers.iter().map(String::as_str));
+            check_unique(
+                errors,
+                "jwt.issuers",
+                jwt.issuers.iter().map(String::as_str),
+            );
         }
         for (i, consumer) in self.allowed_consumers.iter().enumerate() {
             check_name(errors, &format!("allowed_consumers[{i}]"), consumer);
@@ -516,6 +672,16 @@ pub struct Consumer {
     /// Free-form labels routes can allow by.
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+impl Consumer {
+    /// Every resource this consumer names: its plan.
+    pub fn references(&self) -> Vec<Reference> {
+        self.plan
+            .iter()
+            .map(|plan| Reference::new("plan", ResourceKind::Plan, plan))
+            .collect()
+    }
 }
 
 impl Validate for Consumer {
@@ -589,7 +755,12 @@ impl Validate for Plan {
         if let Some(limit) = &self.rate_limit {
             errors.nested("rate_limit", |errors| {
                 check_positive(errors, "requests", limit.requests, MAX_LIMIT);
-                check_positive(errors, "window_seconds", limit.window_seconds, MAX_WINDOW_SECONDS);
+                check_positive(
+                    errors,
+                    "window_seconds",
+                    limit.window_seconds,
+                    MAX_WINDOW_SECONDS,
+                );
             });
         }
         if let Some(quota) = &self.quota {
@@ -672,11 +843,18 @@ impl Validate for JwtIssuer {
             if !JWT_ALGORITHMS.contains(&alg.as_str()) {
                 errors.push(
                     format!("algorithms[{i}]"),
-                    format!("unsupported algorithm '{alg}' (use one of {})", JWT_ALGORITHMS.join(", ")),
+                    format!(
+                        "unsupported algorithm '{alg}' (use one of {})",
+                        JWT_ALGORITHMS.join(", ")
+                    ),
                 );
             }
         }
-        check_unique(errors, "algorithms", self.algorithms.iter().map(String::as_str));
+        check_unique(
+            errors,
+            "algorithms",
+            self.algorithms.iter().map(String::as_str),
+        );
         let hmac = self.algorithms.iter().any(|a| a.starts_with("HS"));
         let asymmetric = self.algorithms.iter().any(|a| !a.starts_with("HS"));
         if hmac && asymmetric {
@@ -691,7 +869,10 @@ impl Validate for JwtIssuer {
             self.secret.is_some(),
         ];
         match sources.iter().filter(|s| **s).count() {
-            0 => errors.push("", "one of 'jwks_url', 'public_key_pem' or 'secret' is required"),
+            0 => errors.push(
+                "",
+                "one of 'jwks_url', 'public_key_pem' or 'secret' is required",
+            ),
             1 => {}
             _ => errors.push(
                 "",
@@ -735,7 +916,10 @@ impl Validate for JwtIssuer {
 
 fn check_range(errors: &mut Collector, field: &str, value: i64, min: i64, max: i64) {
     if value < min || value > max {
-        errors.push(field, format!("must be between {min} and {max} (got {value})"));
+        errors.push(
+            field,
+            format!("must be between {min} and {max} (got {value})"),
+        );
     }
 }
 
@@ -754,11 +938,17 @@ fn check_path(errors: &mut Collector, field: &str, path: &str) {
     if path.contains("//") {
         errors.push(field, "must not contain empty segments ('//')");
     }
-    if path.split('/').any(|segment| segment == "." || segment == "..") {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         errors.push(field, "must not contain '.' or '..' segments");
     }
     if path.contains('%') {
-        errors.push(field, "must not be percent-encoded (write the decoded path)");
+        errors.push(
+            field,
+            "must not be percent-encoded (write the decoded path)",
+        );
     }
     if !path.bytes().all(|b| b.is_ascii_graphic()) {
         errors.push(field, "must be printable ASCII without spaces");
@@ -772,7 +962,9 @@ fn check_host(errors: &mut Collector, field: &str, host: &str) {
         && bare.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -812,11 +1004,34 @@ mod tests {
     #[test]
     fn design_shapes_are_valid() {
         use serde_json::json;
-        assert_eq!(problems::<Upstream>(json!({"name": "users", "targets": [{"url": "http://10.0.0.5:9001", "weight": 100}]})), Vec::<String>::new());
-        assert_eq!(problems::<Plan>(json!({"name": "gold", "rate_limit": {"requests": 100, "window_seconds": 60}, "quota": {"requests": 100000, "period": "month"}})), Vec::<String>::new());
-        assert_eq!(problems::<Consumer>(json!({"username": "alice", "plan": "gold", "tags": ["mobile"]})), Vec::<String>::new());
-        assert_eq!(problems::<Route>(json!({"name": "users", "paths": ["/users"], "methods": ["GET", "POST"], "upstream": "users", "strip_prefix": true, "auth": {"api_key": {}}, "rate_limit": {"requests": 1000, "window_seconds": 1, "by": "ip"}})), Vec::<String>::new());
-        assert_eq!(problems::<JwtIssuer>(json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"], "algorithms": ["RS256"], "jwks_url": "https://id.example/jwks.json"})), Vec::<String>::new());
+        assert_eq!(
+            problems::<Upstream>(
+                json!({"name": "users", "targets": [{"url": "http://10.0.0.5:9001", "weight": 100}]})
+            ),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems::<Plan>(
+                json!({"name": "gold", "rate_limit": {"requests": 100, "window_seconds": 60}, "quota": {"requests": 100000, "period": "month"}})
+            ),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems::<Consumer>(json!({"username": "alice", "plan": "gold", "tags": ["mobile"]})),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems::<Route>(
+                json!({"name": "users", "paths": ["/users"], "methods": ["GET", "POST"], "upstream": "users", "strip_prefix": true, "auth": {"api_key": {}}, "rate_limit": {"requests": 1000, "window_seconds": 1, "by": "ip"}})
+            ),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems::<JwtIssuer>(
+                json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"], "algorithms": ["RS256"], "jwks_url": "https://id.example/jwks.json"})
+            ),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -873,7 +1088,9 @@ mod tests {
                 "secret: must be at least 32 bytes",
             ]
         );
-        let got = problems::<JwtIssuer>(serde_json::json!({"name": "c", "issuer": "i", "algorithms": ["none"]}));
+        let got = problems::<JwtIssuer>(
+            serde_json::json!({"name": "c", "issuer": "i", "algorithms": ["none"]}),
+        );
         assert_eq!(
             got,
             vec![

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Consumer, JwtIssuer, Plan, Route, Stored, Upstream};
+use crate::model::{Consumer, JwtIssuer, Plan, Reference, ResourceKind, Route, Stored, Upstream};
 use crate::validate::{Collector, Validate, ValidationErrors};
 
 /// SHA-256 digest of an API key, as 64 lower-case hex characters.
@@ -107,7 +107,8 @@ impl Snapshot {
         self.consumers
             .sort_by(|a, b| a.spec.username.cmp(&b.spec.username));
         self.plans.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        self.jwt_issuers.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        self.jwt_issuers
+            .sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         self.api_keys.sort_by(|a, b| a.digest.cmp(&b.digest));
     }
 
@@ -134,6 +135,24 @@ impl Snapshot {
         let plans = names(&self.plans, |p| &p.name);
         let issuers = names(&self.jwt_issuers, |j| &j.name);
         let consumers = names(&self.consumers, |c| &c.username);
+        let exists = |reference: &Reference| {
+            let set = match reference.kind {
+                ResourceKind::Upstream => &upstreams,
+                ResourceKind::Plan => &plans,
+                ResourceKind::JwtIssuer => &issuers,
+                ResourceKind::Consumer => &consumers,
+                ResourceKind::Route => return false,
+            };
+            set.contains(reference.name.as_str())
+        };
+        let check_references = |e: &mut Collector, references: Vec<Reference>| {
+            for reference in references.iter().filter(|r| !exists(r)) {
+                e.push(
+                    &reference.field,
+                    format!("unknown {} '{}'", reference.kind.label(), reference.name),
+                );
+            }
+        };
         let consumer_ids: BTreeSet<&str> = self.consumers.iter().map(|c| c.id.as_str()).collect();
 
         for (i, upstream) in self.upstreams.iter().enumerate() {
@@ -148,19 +167,13 @@ impl Snapshot {
         for (i, consumer) in self.consumers.iter().enumerate() {
             errors.nested(&format!("consumers[{i}]"), |e| {
                 consumer.spec.check(e);
-                if let Some(plan) = &consumer.spec.plan {
-                    if !plans.contains(plan.as_str()) {
-                        e.push("plan", format!("unknown plan '{plan}'"));
-                    }
-                }
+                check_references(e, consumer.spec.references());
             });
         }
         for (i, route) in self.routes.iter().enumerate() {
             errors.nested(&format!("routes[{i}]"), |e| {
                 route.spec.check(e);
-                for problem in route_references(&route.spec, &upstreams, &issuers, &consumers) {
-                    e.push(problem.field, problem.message);
-                }
+                check_references(e, route.spec.references());
             });
         }
         for (i, key) in self.api_keys.iter().enumerate() {
@@ -172,8 +185,14 @@ impl Snapshot {
             }
         }
         for (kind, list) in [
-            ("upstreams", names(&self.upstreams, |u| &u.name).len() != self.upstreams.len()),
-            ("routes", names(&self.routes, |r| &r.name).len() != self.routes.len()),
+            (
+                "upstreams",
+                names(&self.upstreams, |u| &u.name).len() != self.upstreams.len(),
+            ),
+            (
+                "routes",
+                names(&self.routes, |r| &r.name).len() != self.routes.len(),
+            ),
             ("consumers", consumers.len() != self.consumers.len()),
             ("plans", plans.len() != self.plans.len()),
             ("jwt_issuers", issuers.len() != self.jwt_issuers.len()),
@@ -184,50 +203,6 @@ impl Snapshot {
         }
         errors.finish()
     }
-}
-
-/// A reference from a route to something that does not exist.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MissingReference {
-    /// Field of the route, e.g. `upstream` or `auth.jwt.issuers[0]`.
-    pub field: String,
-    /// e.g. `unknown upstream 'users'`.
-    pub message: String,
-}
-
-/// The references of `route` that name nothing in the given sets.
-pub fn route_references(
-    route: &Route,
-    upstreams: &BTreeSet<&str>,
-    issuers: &BTreeSet<&str>,
-    consumers: &BTreeSet<&str>,
-) -> Vec<MissingReference> {
-    let mut missing = Vec::new();
-    let mut push = |field: String, message: String| missing.push(MissingReference { field, message });
-    if !upstreams.contains(route.upstream.as_str()) {
-        push("upstream".into(), format!("unknown upstream '{}'", route.upstream));
-    }
-    if let Some(auth) = &route.auth {
-        if let Some(jwt) = &auth.jwt {
-            for (i, issuer) in jwt.issuers.iter().enumerate() {
-                if !issuers.contains(issuer.as_str()) {
-                    push(
-                        format!("auth.jwt.issuers[{i}]"),
-                        format!("unknown JWT issuer '{issuer}'"),
-                    );
-                }
-            }
-        }
-        for (i, consumer) in auth.allowed_consumers.iter().enumerate() {
-            if !consumers.contains(consumer.as_str()) {
-                push(
-                    format!("auth.allowed_consumers[{i}]"),
-                    format!("unknown consumer '{consumer}'"),
-                );
-            }
-        }
-    }
-    missing
 }
 
 fn names<T>(items: &[Stored<T>], name: impl Fn(&T) -> &String) -> BTreeSet<&str> {
@@ -249,13 +224,17 @@ mod tests {
     }
 
     fn route(name: &str, upstream: &str) -> Route {
-        serde_json::from_value(serde_json::json!({"name": name, "paths": ["/x"], "upstream": upstream}))
-            .expect("valid route json")
+        serde_json::from_value(
+            serde_json::json!({"name": name, "paths": ["/x"], "upstream": upstream}),
+        )
+        .expect("valid route json")
     }
 
     fn upstream(name: &str) -> Upstream {
-        serde_json::from_value(serde_json::json!({"name": name, "targets": [{"url": "http://127.0.0.1:1"}]}))
-            .expect("valid upstream json")
+        serde_json::from_value(
+            serde_json::json!({"name": name, "targets": [{"url": "http://127.0.0.1:1"}]}),
+        )
+        .expect("valid upstream json")
     }
 
     #[test]
@@ -282,11 +261,17 @@ mod tests {
         let snapshot = Snapshot {
             revision: 3,
             upstreams: vec![stored("1", upstream("a"))],
-            routes: vec![stored("2", route("ok", "a")), stored("3", route("bad", "missing"))],
+            routes: vec![
+                stored("2", route("ok", "a")),
+                stored("3", route("bad", "missing")),
+            ],
             ..Snapshot::default()
         };
         let errors = snapshot.check().expect_err("dangling upstream");
-        assert_eq!(errors.to_string(), "routes[1].upstream: unknown upstream 'missing'");
+        assert_eq!(
+            errors.to_string(),
+            "routes[1].upstream: unknown upstream 'missing'"
+        );
     }
 
     #[test]

@@ -1,0 +1,123 @@
+//! The control plane's settings, from flags and `TOLLGATE_*` environment variables.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// A secret whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// Settings of `tollgate control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Config database: `postgres://user:pass@host/db` in production; an SQLite file in the
+    /// data dir when not given.
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+    /// Address of the admin API.
+    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8001")]
+    pub admin_listen: SocketAddr,
+    /// Admin bearer token to accept (stored hashed). When unset and no token exists yet, one is
+    /// generated at first start and printed once.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// Directory for the embedded SQLite store.
+    #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
+    pub data_dir: PathBuf,
+}
+
+impl Settings {
+    /// The database URL to use: the configured one, or the embedded SQLite file.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.expose().to_string(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("tollgate.db").display()
+            ),
+        }
+    }
+
+    /// The database URL with any password replaced, for logs.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url_password(&self.database_url())
+    }
+
+    /// Rejects settings that cannot work, with a message naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let url = self.database_url();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            anyhow::bail!("TOLLGATE_DATABASE_URL must start with postgres:// or sqlite:");
+        }
+        if let Some(token) = &self.admin_token {
+            if token.expose().len() < 16 {
+                anyhow::bail!("TOLLGATE_ADMIN_TOKEN must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn redact_url_password(url: &str) -> String {
+    // scheme://user:password@host/... → scheme://user:<redacted>@host/...
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, want) in [
+            (
+                "postgres://u:pw@h:5432/db",
+                "postgres://u:<redacted>@h:5432/db",
+            ),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("sqlite://./x.db?mode=rwc", "sqlite://./x.db?mode=rwc"),
+        ] {
+            assert_eq!(redact_url_password(url), want);
+        }
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "\"<redacted>\"");
+    }
+}
