@@ -77,7 +77,8 @@ async fn json_body<S: Send + Sync>(
                 ApiError::BadRequest(format!("could not read the request body: {rejection}"))
             }
         })?;
-    if !is_json && !(empty_ok && bytes.is_empty()) {
+    let empty_allowed = empty_ok && bytes.is_empty();
+    if !(is_json || empty_allowed) {
         return Err(ApiError::UnsupportedMediaType(format!(
             "expected 'Content-Type: application/json', got {}",
             content_type.map_or("none".to_string(), |ct| format!("'{ct}'"))

@@ -78,10 +78,10 @@ impl Settings {
         {
             anyhow::bail!("TOLLGATE_DATABASE_URL must start with postgres:// or sqlite:");
         }
-        if let Some(token) = &self.admin_token {
-            if token.expose().len() < 16 {
-                anyhow::bail!("TOLLGATE_ADMIN_TOKEN must be at least 16 characters");
-            }
+        if let Some(token) = &self.admin_token
+            && token.expose().len() < 16
+        {
+            anyhow::bail!("TOLLGATE_ADMIN_TOKEN must be at least 16 characters");
         }
         Ok(())
     }

@@ -890,10 +890,10 @@ impl Validate for JwtIssuer {
         if hmac && self.secret.is_none() {
             errors.push("algorithms", "HS* algorithms need 'secret'");
         }
-        if let Some(pem) = &self.public_key_pem {
-            if !pem.contains("-----BEGIN") {
-                errors.push("public_key_pem", "must be a PEM-encoded public key");
-            }
+        if let Some(pem) = &self.public_key_pem
+            && !pem.contains("-----BEGIN")
+        {
+            errors.push("public_key_pem", "must be a PEM-encoded public key");
         }
         if let Some(jwks_url) = &self.jwks_url {
             match url::Url::parse(jwks_url) {

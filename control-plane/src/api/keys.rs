@@ -114,10 +114,10 @@ impl NewKey {
                 message: message.into(),
             }],
         };
-        if let Some(name) = &self.name {
-            if name.is_empty() || name.len() > 128 {
-                return Err(invalid("name", "must be 1 to 128 characters"));
-            }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.len() > 128)
+        {
+            return Err(invalid("name", "must be 1 to 128 characters"));
         }
         let now = now_ms();
         match (&self.expires_at, self.ttl_seconds) {
