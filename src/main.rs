@@ -1,5 +1,8 @@
 //! The `tollgate` binary: a thin dispatcher over the control-plane and data-plane crates.
 
+mod echo;
+mod quickstart;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -14,8 +17,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: the admin API over Postgres or the embedded SQLite store.
+    /// Run the control plane: the admin API over Postgres or the embedded SQLite store, and
+    /// the cluster listener data planes sync from.
     ControlPlane(tollgate_control_plane::Settings),
+    /// Run a data plane: the proxy, synced from a control plane.
+    DataPlane(tollgate_data_plane::Settings),
+    /// Run everything in one process with demo config, and print curl lines to try.
+    Quickstart(quickstart::Options),
     /// Apply pending database migrations and exit.
     Migrate(tollgate_control_plane::Settings),
 }
@@ -24,7 +32,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::DataPlane(settings) = &cli.command
+        && let Some(threads) = settings.worker_threads
+    {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -38,6 +52,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 database = %settings.database_url_redacted(),
                 admin_listen = %settings.admin_listen,
                 admin_token = ?settings.admin_token,
+                cluster_listen = %settings.cluster_listen,
+                cluster_token = ?settings.cluster_token,
                 data_dir = %settings.data_dir.display(),
                 "starting control plane"
             );
@@ -48,6 +64,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             app.run_until_stopped(shutdown_signal()).await
         }
+        Command::DataPlane(settings) => {
+            tracing::info!(
+                control_plane_url = %settings.control_plane_url,
+                cluster_token = ?settings.cluster_token,
+                proxy_listen = %settings.proxy_listen,
+                status_listen = %settings.status_listen,
+                data_dir = %settings.data_dir.display(),
+                worker_threads = ?settings.worker_threads,
+                trusted_proxies = ?settings.trusted_proxies,
+                "starting data plane"
+            );
+            let app = tollgate_data_plane::DataPlane::build(&settings).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Quickstart(options) => quickstart::run(options, shutdown_signal()).await,
         Command::Migrate(settings) => {
             tollgate_control_plane::app::migrate(&settings).await?;
             tracing::info!(database = %settings.database_url_redacted(), "migrations applied");

@@ -42,6 +42,7 @@ const CONTRACT: &[(&str, &str)] = &[
     ("patch", "/admin/v1/jwt-issuers/{id}"),
     ("delete", "/admin/v1/jwt-issuers/{id}"),
     ("get", "/admin/v1/status"),
+    ("get", "/admin/v1/data-planes"),
 ];
 
 fn collect_refs(value: &Value, refs: &mut Vec<String>) {

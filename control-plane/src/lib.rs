@@ -7,6 +7,7 @@
 //! - [`extract`]: JSON extractors that reject with problem+json.
 //! - [`error`]: the one mapping from errors to problem+json responses.
 //! - [`store`]: the only module with SQL (Postgres or embedded SQLite).
+//! - [`sync`]: snapshot publishing and the cluster listener data planes sync from.
 
 pub mod api;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod settings;
 pub mod store;
+pub mod sync;
 
 pub use app::{AppState, Application};
 pub use settings::{Secret, Settings};

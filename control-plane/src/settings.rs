@@ -1,37 +1,9 @@
 //! The control plane's settings, from flags and `TOLLGATE_*` environment variables.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-/// A secret whose `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself; call only where it is used.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
-}
+pub use tollgate_shared::Secret;
 
 /// Settings of `tollgate control-plane`.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +22,28 @@ pub struct Settings {
     /// Directory for the embedded SQLite store.
     #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
     pub data_dir: PathBuf,
+    /// Address of the cluster listener data planes sync from.
+    #[arg(
+        long,
+        env = "TOLLGATE_CLUSTER_LISTEN",
+        default_value = "127.0.0.1:8005"
+    )]
+    pub cluster_listen: SocketAddr,
+    /// Token data planes present to the cluster listener. Without it the cluster listener is
+    /// off (the admin API still works).
+    #[arg(long, env = "TOLLGATE_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<Secret>,
+    /// Seconds between safety-net checks for config written by other replicas (changes
+    /// normally arrive at once through Postgres NOTIFY).
+    #[arg(long, env = "TOLLGATE_CONFIG_POLL_SECONDS", default_value_t = 5)]
+    pub config_poll_seconds: u64,
+    /// A data plane silent for this many seconds counts as gone (they heartbeat every 5 s).
+    #[arg(
+        long,
+        env = "TOLLGATE_DATA_PLANE_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub data_plane_timeout_seconds: u64,
 }
 
 impl Settings {
@@ -82,6 +76,14 @@ impl Settings {
             && token.expose().len() < 16
         {
             anyhow::bail!("TOLLGATE_ADMIN_TOKEN must be at least 16 characters");
+        }
+        if let Some(token) = &self.cluster_token
+            && token.expose().len() < 16
+        {
+            anyhow::bail!("TOLLGATE_CLUSTER_TOKEN must be at least 16 characters");
+        }
+        if self.config_poll_seconds == 0 || self.data_plane_timeout_seconds == 0 {
+            anyhow::bail!("poll interval and data-plane timeout must be at least 1 second");
         }
         Ok(())
     }

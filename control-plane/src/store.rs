@@ -6,12 +6,14 @@
 //! write rolls the bump back with everything else, and a successful write bumps exactly once.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Row, Transaction};
+use tokio::sync::Notify;
 use tollgate_shared::{
     ApiKeyDigest, ApiKeyEntry, Consumer, JwtIssuer, Plan, Reference, ResourceKind, Route, Snapshot,
     Stored, Upstream, Validate, ValidationErrors, validate::Collector,
@@ -149,6 +151,35 @@ pub struct ApiKeyRecord {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    committed: Arc<Notify>,
+}
+
+/// Postgres channel on which every committed write is announced to every replica.
+pub const CHANGE_CHANNEL: &str = "tollgate_config";
+
+/// A data plane's sync state as recorded by the control plane it is connected to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataPlaneRecord {
+    /// Node id.
+    pub node_id: String,
+    /// Host name it reported.
+    pub hostname: String,
+    /// Its Tollgate version.
+    pub version: String,
+    /// Revision it last acknowledged.
+    pub applied_revision: Option<i64>,
+    /// Hash of that snapshot.
+    pub applied_hash: Option<String>,
+    /// `connected`, `synced`, `nacked` or `disconnected`.
+    pub state: String,
+    /// The last nack reason, until a later ack.
+    pub error: Option<String>,
+    /// Unix milliseconds of the last message.
+    pub last_seen: i64,
+    /// Unix milliseconds of the current connection's start.
+    pub connected_at: i64,
+    /// Id of the control-plane replica it is connected to.
+    pub control_plane: String,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -198,7 +229,31 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            committed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Woken after every committed config write of this process.
+    pub fn committed(&self) -> Arc<Notify> {
+        self.committed.clone()
+    }
+
+    /// Commits a write transaction and announces it (to this process, and through
+    /// `NOTIFY` to every replica on Postgres; the notification is delivered on commit).
+    async fn commit(&self, mut tx: Tx, revision: i64) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGE_CHANNEL)
+                .bind(revision.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.committed.notify_one();
+        Ok(())
     }
 
     /// Which database this is.
@@ -283,7 +338,7 @@ impl Store {
         .await
         .map_err(unique_to_conflict)?;
         record_change(&mut tx, revision, "create", R::KIND, &id, spec.name()).await?;
-        tx.commit().await?;
+        self.commit(tx, revision).await?;
         Ok(Stored {
             id,
             created_at: rfc3339(now),
@@ -341,7 +396,7 @@ impl Store {
             spec.name(),
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx, revision).await?;
         Ok(Stored {
             updated_at: rfc3339(now),
             revision,
@@ -378,7 +433,7 @@ impl Store {
             current.spec.name(),
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx, revision).await?;
         Ok(())
     }
 
@@ -432,7 +487,7 @@ impl Store {
             "api_key",
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx, revision).await?;
         Ok((consumer, record))
     }
 
@@ -497,7 +552,7 @@ impl Store {
             "api_key",
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx, revision).await?;
         record.revoked_at = Some(now);
         Ok(record)
     }
@@ -527,6 +582,59 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    // ------------------------------------------------------------ data planes
+
+    /// Records a data plane's state (insert or update by node id). Not a config write.
+    pub async fn upsert_data_plane(&self, record: &DataPlaneRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO data_planes (node_id, hostname, version, applied_revision, applied_hash, \
+             state, error, last_seen, connected_at, control_plane) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (node_id) DO UPDATE SET hostname = $2, version = $3, \
+             applied_revision = $4, applied_hash = $5, state = $6, error = $7, last_seen = $8, \
+             connected_at = $9, control_plane = $10",
+        )
+        .bind(&record.node_id)
+        .bind(&record.hostname)
+        .bind(&record.version)
+        .bind(record.applied_revision)
+        .bind(record.applied_hash.clone())
+        .bind(&record.state)
+        .bind(record.error.clone())
+        .bind(record.last_seen)
+        .bind(record.connected_at)
+        .bind(&record.control_plane)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every data plane ever seen, by node id.
+    pub async fn list_data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, hostname, version, applied_revision, applied_hash, state, error, \
+             last_seen, connected_at, control_plane FROM data_planes ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DataPlaneRecord {
+                    node_id: row.try_get("node_id")?,
+                    hostname: row.try_get("hostname")?,
+                    version: row.try_get("version")?,
+                    applied_revision: row.try_get("applied_revision")?,
+                    applied_hash: row.try_get("applied_hash")?,
+                    state: row.try_get("state")?,
+                    error: row.try_get("error")?,
+                    last_seen: row.try_get("last_seen")?,
+                    connected_at: row.try_get("connected_at")?,
+                    control_plane: row.try_get("control_plane")?,
+                })
+            })
+            .collect()
     }
 
     // ------------------------------------------------------------ snapshot

@@ -1,1 +1,29 @@
-//! Tollgate data plane (the proxy). Built in a later issue; empty for now.
+//! Tollgate's data plane: the proxy nodes. Read in this order:
+//!
+//! - [`settings`]: flags and `TOLLGATE_*` variables of `tollgate data-plane`.
+//! - [`app`]: startup (`DataPlane::build`), serving, shutdown.
+//! - [`state`]: the shared state; the current snapshot behind one `ArcSwap`.
+//! - [`sync`]: the sync client (receive, validate, compile, swap, persist, ack/nack).
+//! - [`config`]: compiling a snapshot into the runtime form (routes, upstream pools, keys).
+//! - [`router`]: path and host normalization, the compiled route table.
+//! - [`server`]: the proxy and status listeners.
+//! - [`proxy`]: the request pipeline, phase by phase.
+//! - [`auth`], [`jwt`]: API-key and JWT authentication.
+//! - [`error`]: the one mapping from proxy errors to JSON answers.
+//! - [`persist`]: the last good snapshot and the node id on disk.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod jwt;
+pub mod persist;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod settings;
+pub mod state;
+pub mod sync;
+
+pub use app::DataPlane;
+pub use settings::Settings;

@@ -6,9 +6,13 @@
 //! - [`model`]: the configuration resources operators write (upstreams, routes, consumers,
 //!   plans, JWT issuers) and the stored envelope around them.
 //! - [`snapshot`]: everything a data plane needs, with its revision and content hash.
+//! - [`sync`]: the messages control and data planes exchange.
+//! - [`secret`]: a string whose `Debug` never shows it.
 
 pub mod model;
+pub mod secret;
 pub mod snapshot;
+pub mod sync;
 pub mod validate;
 
 pub use model::{
@@ -16,5 +20,6 @@ pub use model::{
     JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit, RateLimitBy,
     Reference, ResourceKind, Route, RouteRateLimit, Stored, Target, Timeouts, Transforms, Upstream,
 };
+pub use secret::Secret;
 pub use snapshot::{ApiKeyDigest, ApiKeyEntry, Snapshot};
 pub use validate::{FieldError, Validate, ValidationErrors};

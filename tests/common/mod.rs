@@ -172,12 +172,19 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Cluster token of every test control plane.
+pub const CLUSTER_TOKEN: &str = "test-cluster-token-0123456789";
+
 pub fn settings_for(db: &TestDb, admin_token: Option<&str>) -> Settings {
     Settings {
         database_url: Some(Secret::new(db.url.clone())),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         admin_token: admin_token.map(Secret::new),
         data_dir: db.dir.path().to_path_buf(),
+        cluster_listen: "127.0.0.1:0".parse().expect("addr"),
+        cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
+        config_poll_seconds: 5,
+        data_plane_timeout_seconds: 30,
     }
 }
 

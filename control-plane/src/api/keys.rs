@@ -11,7 +11,7 @@ use crate::app::AppState;
 use crate::auth::generate_secret;
 use crate::error::{ApiError, Problem};
 use crate::extract::OptionalJson;
-use crate::store::{ApiKeyRecord, now_ms, rfc3339};
+use crate::store::{ApiKeyRecord, Store, now_ms, rfc3339};
 
 /// Prefix of every API key secret, so leaked keys are recognisable (and scannable).
 pub const KEY_PREFIX: &str = "tg_";
@@ -161,32 +161,35 @@ pub async fn create(
     Path(consumer): Path<String>,
     OptionalJson(options): OptionalJson<NewKey>,
 ) -> Result<(StatusCode, Json<IssuedKey>), ApiError> {
+    let issued = issue(&state.store, &consumer, &options).await?;
+    Ok((StatusCode::CREATED, Json(issued)))
+}
+
+/// Issues a key for `consumer` (id or username): generates the secret, stores its digest,
+/// and returns the secret — the only time it exists outside the caller's hands.
+pub async fn issue(store: &Store, consumer: &str, options: &NewKey) -> Result<IssuedKey, ApiError> {
     let expires_at = options.expiry()?;
     let secret = generate_secret(KEY_PREFIX);
     let digest = ApiKeyDigest::of_secret(&secret);
     let prefix = secret[..DISPLAY_PREFIX_LEN].to_string();
-    let (_, record) = state
-        .store
+    let (_, record) = store
         .create_key(
-            &consumer,
+            consumer,
             &digest,
             &prefix,
             options.name.as_deref(),
             expires_at,
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedKey {
-            id: record.id,
-            key: secret,
-            prefix: record.prefix,
-            consumer_id: record.consumer_id,
-            name: record.name,
-            created_at: rfc3339(record.created_at),
-            expires_at: record.expires_at.map(rfc3339),
-        }),
-    ))
+    Ok(IssuedKey {
+        id: record.id,
+        key: secret,
+        prefix: record.prefix,
+        consumer_id: record.consumer_id,
+        name: record.name,
+        created_at: rfc3339(record.created_at),
+        expires_at: record.expires_at.map(rfc3339),
+    })
 }
 
 /// List a consumer's keys (revoked and expired ones included), without secrets.

@@ -3,7 +3,8 @@
 //! Every `/admin/v1` route is collected through `utoipa_axum::routes!`, so a route cannot be
 //! served without appearing in `/openapi.json`.
 
-mod keys;
+mod data_planes;
+pub mod keys;
 mod resources;
 mod status;
 
@@ -39,6 +40,7 @@ use crate::extract::MAX_BODY_BYTES;
         (name = "consumers", description = "API consumers and their keys"),
         (name = "plans", description = "Rate limits and quotas"),
         (name = "jwt-issuers", description = "Trusted JWT issuers"),
+        (name = "data-planes", description = "Proxy nodes and their config sync state"),
         (name = "status", description = "Control-plane health"),
     )
 )]
@@ -106,6 +108,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             resources::jwt_issuers::delete
         ))
         .routes(routes!(status::status))
+        .routes(routes!(data_planes::list))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_admin));
 

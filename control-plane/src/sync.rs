@@ -1,0 +1,301 @@
+//! Config distribution to data planes.
+//!
+//! - The **publisher** keeps the current snapshot built and serialized once, behind a `watch`
+//!   channel. It rebuilds when this process commits a write, when another replica announces one
+//!   through Postgres `NOTIFY`, and on a slow poll as a safety net.
+//! - The **cluster listener** serves `GET /cluster/v1/sync` (WebSocket, cluster-token auth):
+//!   one task per data plane sends it every newer snapshot and records its acks, nacks and
+//!   heartbeats in the store, where every replica's `GET /admin/v1/data-planes` sees them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tollgate_shared::sync::{CpMessage, DpMessage, SYNC_PATH};
+
+use crate::settings::Secret;
+use crate::store::{CHANGE_CHANNEL, DataPlaneRecord, Store, StoreError, now_ms};
+
+/// The current snapshot, serialized once for every data plane.
+#[derive(Debug)]
+pub struct Published {
+    /// Its revision.
+    pub revision: i64,
+    /// Its content hash.
+    pub hash: String,
+    /// The `CpMessage::Snapshot` text frame.
+    pub message: Utf8Bytes,
+}
+
+/// Receiving end of the publisher: `None` until the first snapshot is built.
+pub type Snapshots = watch::Receiver<Option<Arc<Published>>>;
+
+/// Builds and publishes a snapshot when the stored revision is newer than the published one.
+pub async fn publish_if_newer(
+    store: &Store,
+    sender: &watch::Sender<Option<Arc<Published>>>,
+) -> Result<(), StoreError> {
+    let revision = store.revision().await?;
+    let current = sender.borrow().as_ref().map(|p| p.revision);
+    if current.is_some_and(|current| current >= revision) {
+        return Ok(());
+    }
+    let snapshot = store.snapshot().await?;
+    let hash = snapshot.content_hash();
+    let revision = snapshot.revision;
+    let message = serde_json::to_string(&CpMessage::Snapshot {
+        hash: hash.clone(),
+        snapshot,
+    })
+    .map_err(|error| StoreError::Database(sqlx::Error::Encode(error.into())))?;
+    tracing::debug!(revision, %hash, "snapshot published");
+    sender.send_replace(Some(Arc::new(Published {
+        revision,
+        hash,
+        message: message.into(),
+    })));
+    Ok(())
+}
+
+/// Keeps the published snapshot current until `cancel` fires.
+pub async fn run_publisher(
+    store: Store,
+    sender: watch::Sender<Option<Arc<Published>>>,
+    poll_interval: Duration,
+    cancel: CancellationToken,
+) {
+    let committed = store.committed();
+    loop {
+        if let Err(error) = publish_if_newer(&store, &sender).await {
+            tracing::warn!(%error, "cannot build the config snapshot; retrying");
+        }
+        tokio::select! {
+            () = committed.notified() => {}
+            () = tokio::time::sleep(poll_interval) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Wakes the publisher whenever any replica commits (Postgres `LISTEN`), reconnecting on error.
+pub async fn run_change_listener(database_url: String, store: Store, cancel: CancellationToken) {
+    let committed = store.committed();
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&database_url).await?;
+            listener.listen(CHANGE_CHANNEL).await?;
+            // Anything committed while we were not listening is picked up now.
+            committed.notify_one();
+            loop {
+                listener.recv().await?;
+                committed.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            result = listener => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "config change listener lost; reconnecting");
+                }
+            }
+            () = cancel.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// What the cluster listener's handlers share.
+#[derive(Clone)]
+pub struct ClusterState {
+    /// Where data-plane state is recorded.
+    pub store: Store,
+    /// The current snapshot.
+    pub snapshots: Snapshots,
+    /// SHA-256 of the cluster token.
+    pub token_digest: [u8; 32],
+    /// Id of this control-plane replica.
+    pub replica_id: String,
+    /// A data plane silent this long is dropped (it heartbeats far more often).
+    pub idle_timeout: Duration,
+    /// Fires at shutdown: every sync connection closes.
+    pub cancel: CancellationToken,
+}
+
+impl ClusterState {
+    /// Digest of a cluster token, as kept in [`ClusterState::token_digest`].
+    pub fn digest(token: &Secret) -> [u8; 32] {
+        Sha256::digest(token.expose().as_bytes()).into()
+    }
+}
+
+/// The cluster listener's router.
+pub fn router(state: ClusterState) -> Router {
+    Router::new()
+        .route(SYNC_PATH, get(sync_handler))
+        .with_state(state)
+}
+
+async fn sync_handler(
+    State(state): State<ClusterState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| -> [u8; 32] { Sha256::digest(token.trim().as_bytes()).into() });
+    let authorized =
+        presented.is_some_and(|digest| bool::from(digest[..].ct_eq(&state.token_digest[..])));
+    if !authorized {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({"code": "unauthorized", "message": "a valid cluster token is required"})),
+        )
+            .into_response();
+    }
+    match upgrade {
+        Ok(upgrade) => upgrade.on_upgrade(move |socket| serve_data_plane(state, socket)),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<DpMessage>(&text).ok(),
+        _ => None,
+    };
+    let Some(DpMessage::Hello {
+        node_id,
+        hostname,
+        version,
+        revision,
+        hash,
+        ..
+    }) = hello
+    else {
+        tracing::warn!("data plane did not say hello; closing");
+        let _ = sink.send(Message::Close(None)).await;
+        return;
+    };
+    let now = now_ms();
+    let mut record = DataPlaneRecord {
+        node_id,
+        hostname,
+        version,
+        applied_revision: revision,
+        applied_hash: hash,
+        state: "connected".into(),
+        error: None,
+        last_seen: now,
+        connected_at: now,
+        control_plane: state.replica_id.clone(),
+    };
+    tracing::info!(node_id = %record.node_id, hostname = %record.hostname, revision = ?record.applied_revision, "data plane connected");
+    save(&state.store, &record).await;
+
+    let mut snapshots = state.snapshots.clone();
+    let mut sent: Option<i64> = None;
+    let initial = snapshots.borrow_and_update().clone();
+    if let Some(published) = initial {
+        let up_to_date = record.applied_revision == Some(published.revision)
+            && record.applied_hash.as_deref() == Some(published.hash.as_str());
+        let message = if up_to_date {
+            record.state = "synced".into();
+            save(&state.store, &record).await;
+            let text = serde_json::to_string(&CpMessage::UpToDate {
+                revision: published.revision,
+            })
+            .unwrap_or_default();
+            Message::Text(text.into())
+        } else {
+            Message::Text(published.message.clone())
+        };
+        sent = Some(published.revision);
+        if sink.send(message).await.is_err() {
+            return disconnected(&state.store, record).await;
+        }
+    }
+
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let latest = snapshots.borrow_and_update().clone();
+                if let Some(published) = latest
+                    && sent.is_none_or(|sent| sent < published.revision) {
+                        sent = Some(published.revision);
+                        if sink.send(Message::Text(published.message.clone())).await.is_err() {
+                            break;
+                        }
+                    }
+            }
+            incoming = tokio::time::timeout(state.idle_timeout, stream.next()) => {
+                let text = match incoming {
+                    Ok(Some(Ok(Message::Text(text)))) => text,
+                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                    Err(_) => {
+                        tracing::warn!(node_id = %record.node_id, "data plane silent; dropping it");
+                        break;
+                    }
+                    _ => break,
+                };
+                match serde_json::from_str::<DpMessage>(&text) {
+                    Ok(DpMessage::Ack { revision, hash }) => {
+                        tracing::info!(node_id = %record.node_id, revision, "data plane applied snapshot");
+                        record.applied_revision = Some(revision);
+                        record.applied_hash = Some(hash);
+                        record.state = "synced".into();
+                        record.error = None;
+                    }
+                    Ok(DpMessage::Nack { revision, reason }) => {
+                        tracing::warn!(node_id = %record.node_id, revision, %reason, "data plane refused snapshot");
+                        record.state = "nacked".into();
+                        record.error = Some(format!("revision {revision}: {reason}"));
+                    }
+                    Ok(DpMessage::Heartbeat { .. }) => {}
+                    Ok(DpMessage::Hello { .. }) | Err(_) => {
+                        tracing::warn!(node_id = %record.node_id, "unexpected sync message; closing");
+                        break;
+                    }
+                }
+                record.last_seen = now_ms();
+                save(&state.store, &record).await;
+            }
+            () = state.cancel.cancelled() => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    disconnected(&state.store, record).await;
+}
+
+async fn disconnected(store: &Store, mut record: DataPlaneRecord) {
+    tracing::info!(node_id = %record.node_id, "data plane disconnected");
+    record.state = "disconnected".into();
+    save(store, &record).await;
+}
+
+async fn save(store: &Store, record: &DataPlaneRecord) {
+    if let Err(error) = store.upsert_data_plane(record).await {
+        tracing::warn!(%error, node_id = %record.node_id, "cannot record data-plane state");
+    }
+}

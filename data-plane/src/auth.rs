@@ -1,0 +1,260 @@
+//! Authentication of a request against its route's policy: API keys (looked up by digest in
+//! the snapshot's index, O(1)) and JWTs; then the route's consumer and tag restrictions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+use tollgate_shared::{ApiKeyEntry, AuthPolicy, Consumer, Stored};
+
+use crate::error::ProxyError;
+use crate::jwt::IssuerKeys;
+
+/// A consumer as requests see it, headers pre-built.
+#[derive(Debug)]
+pub struct ConsumerRt {
+    /// Id.
+    pub id: String,
+    /// Username.
+    pub username: String,
+    /// `X-Consumer-Id` value.
+    pub id_header: HeaderValue,
+    /// `X-Consumer-Username` value.
+    pub username_header: HeaderValue,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Plan name.
+    pub plan: Option<String>,
+}
+
+impl ConsumerRt {
+    /// Pre-builds the consumer's headers.
+    pub fn compile(consumer: &Stored<Consumer>) -> Result<Self, String> {
+        let header = |v: &str| {
+            HeaderValue::from_str(v)
+                .map_err(|e| format!("consumer '{}': {e}", consumer.spec.username))
+        };
+        Ok(Self {
+            id: consumer.id.clone(),
+            username: consumer.spec.username.clone(),
+            id_header: header(&consumer.id)?,
+            username_header: header(&consumer.spec.username)?,
+            tags: consumer.spec.tags.clone(),
+            plan: consumer.spec.plan.clone(),
+        })
+    }
+}
+
+struct KeyRt {
+    consumer: Arc<ConsumerRt>,
+    expires_at: Option<i64>,
+}
+
+/// Active API keys by SHA-256 digest.
+#[derive(Default)]
+pub struct KeyIndex {
+    keys: HashMap<[u8; 32], KeyRt>,
+}
+
+impl KeyIndex {
+    /// Indexes the snapshot's keys (keys of unknown consumers are skipped: the snapshot check
+    /// already refuses those).
+    pub fn compile(entries: &[ApiKeyEntry], consumers: &HashMap<String, Arc<ConsumerRt>>) -> Self {
+        let mut keys = HashMap::with_capacity(entries.len());
+        for entry in entries {
+            let (Ok(bytes), Some(consumer)) = (
+                hex::decode(entry.digest.as_str()),
+                consumers.get(&entry.consumer_id),
+            ) else {
+                continue;
+            };
+            let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+                continue;
+            };
+            keys.insert(
+                digest,
+                KeyRt {
+                    consumer: consumer.clone(),
+                    expires_at: entry.expires_at,
+                },
+            );
+        }
+        Self { keys }
+    }
+
+    fn lookup(&self, secret: &str, now: i64) -> Option<&Arc<ConsumerRt>> {
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let key = self.keys.get(&digest)?;
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return None;
+        }
+        Some(&key.consumer)
+    }
+}
+
+/// A route's authentication policy, compiled.
+pub struct RouteAuth {
+    api_key_header: Option<HeaderName>,
+    issuers: Vec<Arc<IssuerKeys>>,
+    allowed_consumers: HashSet<String>,
+    allowed_tags: Vec<String>,
+    consumers: Arc<HashMap<String, Arc<ConsumerRt>>>,
+}
+
+/// Who a request is, once authenticated.
+pub struct Identity {
+    /// The consumer, unless an issuer allowed an anonymous token.
+    pub consumer: Option<Arc<ConsumerRt>>,
+    /// Headers to add upstream (forwarded claims).
+    pub forward: Vec<(HeaderName, HeaderValue)>,
+    /// Credential headers to remove before forwarding.
+    pub strip: Vec<HeaderName>,
+}
+
+impl RouteAuth {
+    /// Compiles a route's policy against the snapshot's issuers and consumers.
+    pub fn compile(
+        policy: &AuthPolicy,
+        issuers: &HashMap<String, Arc<IssuerKeys>>,
+        consumers: &Arc<HashMap<String, Arc<ConsumerRt>>>,
+    ) -> Result<Self, String> {
+        let api_key_header = policy
+            .api_key
+            .as_ref()
+            .map(|a| {
+                HeaderName::try_from(a.header.as_str())
+                    .map_err(|e| format!("auth.api_key.header: {e}"))
+            })
+            .transpose()?;
+        let issuers = policy
+            .jwt
+            .iter()
+            .flat_map(|jwt| &jwt.issuers)
+            .map(|name| {
+                issuers
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("unknown JWT issuer '{name}'"))
+            })
+            .collect::<Result<_, _>>()?;
+        for name in &policy.allowed_consumers {
+            if !consumers.contains_key(name.as_str()) {
+                return Err(format!("unknown consumer '{name}'"));
+            }
+        }
+        Ok(Self {
+            api_key_header,
+            issuers,
+            allowed_consumers: policy.allowed_consumers.iter().cloned().collect(),
+            allowed_tags: policy.allowed_tags.clone(),
+            consumers: consumers.clone(),
+        })
+    }
+
+    /// Authenticates and authorizes a request; `now` is Unix seconds.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        keys: &KeyIndex,
+        now: i64,
+    ) -> Result<Identity, ProxyError> {
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let mut strip = Vec::with_capacity(2);
+        let mut identity = None;
+        if let Some(header) = &self.api_key_header {
+            let presented = headers
+                .get(header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim);
+            let from_bearer = bearer.filter(|b| !looks_like_jwt(b) || self.issuers.is_empty());
+            if let Some(secret) = presented.or(from_bearer) {
+                strip.push(header.clone());
+                if presented.is_none() {
+                    strip.push(AUTHORIZATION);
+                }
+                let consumer = keys
+                    .lookup(secret, now)
+                    .ok_or(ProxyError::Unauthorized("invalid API key"))?;
+                identity = Some(Identity {
+                    consumer: Some(consumer.clone()),
+                    forward: Vec::new(),
+                    strip: Vec::new(),
+                });
+            }
+        }
+        if identity.is_none()
+            && !self.issuers.is_empty()
+            && let Some(token) = bearer.filter(|b| looks_like_jwt(b))
+        {
+            strip.push(AUTHORIZATION);
+            identity = Some(self.verify_jwt(token)?);
+        }
+        let mut identity = identity.ok_or(ProxyError::Unauthorized("missing credential"))?;
+        identity.strip = strip;
+        self.authorize(identity.consumer.as_deref())?;
+        Ok(identity)
+    }
+
+    fn verify_jwt(&self, token: &str) -> Result<Identity, ProxyError> {
+        let (issuer, claims) = self
+            .issuers
+            .iter()
+            .find_map(|issuer| issuer.verify(token).map(|claims| (issuer, claims)))
+            .ok_or(ProxyError::Unauthorized("invalid token"))?;
+        let forward = issuer
+            .forward_claims
+            .iter()
+            .filter_map(|(claim, header)| {
+                let value = match claims.get(claim)? {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                HeaderValue::from_str(&value)
+                    .ok()
+                    .map(|v| (header.clone(), v))
+            })
+            .collect();
+        let consumer = claims
+            .get(&issuer.consumer_claim)
+            .and_then(|v| v.as_str())
+            .and_then(|username| self.consumers.get(username))
+            .cloned();
+        if consumer.is_none() && !issuer.allow_anonymous {
+            return Err(ProxyError::Unauthorized("token names no known consumer"));
+        }
+        Ok(Identity {
+            consumer,
+            forward,
+            strip: Vec::new(),
+        })
+    }
+
+    fn authorize(&self, consumer: Option<&ConsumerRt>) -> Result<(), ProxyError> {
+        let restricted = !self.allowed_consumers.is_empty() || !self.allowed_tags.is_empty();
+        if !restricted {
+            return Ok(());
+        }
+        let Some(consumer) = consumer else {
+            return Err(ProxyError::Forbidden);
+        };
+        let by_name = self.allowed_consumers.contains(&consumer.username);
+        let by_tag = self.allowed_tags.iter().any(|t| consumer.tags.contains(t));
+        if by_name || by_tag {
+            Ok(())
+        } else {
+            Err(ProxyError::Forbidden)
+        }
+    }
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}

@@ -1,0 +1,382 @@
+//! Compiling a snapshot into the runtime form requests use: route table, upstream pools,
+//! key index, consumers, JWT keys and pre-parsed header edits.
+//!
+//! **Everything per-snapshot happens here, once, off the hot path.** A snapshot that fails
+//! any check (its own validation, hash, a key that does not parse) is refused whole and the
+//! previous config stays in place.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Authority;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tollgate_shared::{HeaderTransform, Snapshot, Stored, Upstream};
+
+use crate::auth::{ConsumerRt, KeyIndex, RouteAuth};
+use crate::jwt::IssuerKeys;
+use crate::router::RouteTable;
+
+/// Body type sent upstream: the client's streaming body, or nothing (then retries are safe).
+pub type UpstreamBody = http_body_util::Either<hyper::body::Incoming, Empty<Bytes>>;
+/// The pooled keep-alive client used for one connect timeout.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// Clients by connect timeout, kept across snapshots so pooled connections survive reloads.
+#[derive(Default)]
+pub struct ClientCache {
+    clients: std::sync::Mutex<HashMap<i64, UpstreamClient>>,
+}
+
+impl ClientCache {
+    fn get(&self, connect_ms: i64) -> UpstreamClient {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(connect_ms)
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(Duration::from_millis(
+                    u64::try_from(connect_ms).unwrap_or(2_000),
+                )));
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(1024)
+                    .build(connector)
+            })
+            .clone()
+    }
+}
+
+/// One target of an upstream, ready to address.
+#[derive(Debug)]
+pub struct TargetRt {
+    /// `host:port`.
+    pub authority: Authority,
+    /// `Host` header value sent when the route does not preserve the client's.
+    pub host_header: HeaderValue,
+    /// Path prefix of the target URL without trailing slash (often empty).
+    pub base_path: String,
+}
+
+/// An upstream: targets, the precomputed weighted round-robin schedule, timeouts, client.
+pub struct UpstreamPool {
+    /// Name, for logs.
+    pub name: String,
+    /// Targets.
+    pub targets: Vec<TargetRt>,
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    /// Time allowed for the response head.
+    pub request_timeout: Duration,
+    /// Extra attempts on another target after a connect failure (bodyless requests only).
+    pub retries: usize,
+    /// The pooled client.
+    pub client: UpstreamClient,
+}
+
+impl UpstreamPool {
+    /// The target for the next request (lock-free: one atomic increment).
+    pub fn pick(&self) -> &TargetRt {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len().max(1);
+        let index = self.schedule.get(slot).copied().unwrap_or(0);
+        &self.targets[index.min(self.targets.len() - 1)]
+    }
+
+    fn compile(upstream: &Upstream, clients: &ClientCache) -> Result<Self, String> {
+        let mut targets = Vec::with_capacity(upstream.targets.len());
+        let mut weights = Vec::with_capacity(upstream.targets.len());
+        for target in &upstream.targets {
+            let uri: http::Uri = target
+                .url
+                .parse()
+                .map_err(|e| format!("target '{}': {e}", target.url))?;
+            let authority = uri
+                .authority()
+                .cloned()
+                .ok_or_else(|| format!("target '{}' has no host", target.url))?;
+            let authority = if authority.port().is_some() {
+                authority
+            } else {
+                format!("{}:80", authority.host())
+                    .parse()
+                    .map_err(|e| format!("target '{}': {e}", target.url))?
+            };
+            let host_header = HeaderValue::from_str(authority.as_str())
+                .map_err(|e| format!("target '{}': {e}", target.url))?;
+            targets.push(TargetRt {
+                authority,
+                host_header,
+                base_path: uri.path().trim_end_matches('/').to_string(),
+            });
+            weights.push(usize::try_from(target.weight).unwrap_or(0));
+        }
+        Ok(Self {
+            name: upstream.name.clone(),
+            schedule: smooth_weighted_schedule(&weights),
+            targets,
+            next: AtomicUsize::new(0),
+            request_timeout: Duration::from_millis(
+                u64::try_from(upstream.timeouts.request_ms).unwrap_or(30_000),
+            ),
+            retries: usize::try_from(upstream.retries).unwrap_or(0),
+            client: clients.get(upstream.timeouts.connect_ms),
+        })
+    }
+}
+
+/// Nginx's smooth weighted round robin, unrolled once into a schedule of target indexes so
+/// picking needs no lock. Weights are reduced by their gcd; long schedules are scaled down.
+pub fn smooth_weighted_schedule(weights: &[usize]) -> Vec<usize> {
+    const MAX_LEN: usize = 4096;
+    let gcd = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd);
+    if gcd == 0 {
+        return vec![0];
+    }
+    let mut weights: Vec<usize> = weights.iter().map(|w| w / gcd).collect();
+    let total: usize = weights.iter().sum();
+    if total > MAX_LEN {
+        weights = weights
+            .iter()
+            .map(|w| {
+                if *w == 0 {
+                    0
+                } else {
+                    (w * MAX_LEN / total).max(1)
+                }
+            })
+            .collect();
+    }
+    let total: usize = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total);
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += i64::try_from(*w).unwrap_or(0);
+        }
+        let (best, _) = current
+            .iter()
+            .enumerate()
+            .max_by(|(ia, a), (ib, b)| a.cmp(b).then(ib.cmp(ia)))
+            .unwrap_or((0, &0));
+        current[best] -= i64::try_from(total).unwrap_or(0);
+        schedule.push(best);
+    }
+    schedule
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Pre-parsed header edits.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    /// Removed first.
+    pub remove: Vec<HeaderName>,
+    /// Then set (replacing).
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    /// Then appended.
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderEdits {
+    fn compile(transform: &HeaderTransform) -> Result<Self, String> {
+        let name = |n: &str| HeaderName::try_from(n).map_err(|e| format!("header '{n}': {e}"));
+        let pair = |(n, v): (&String, &String)| -> Result<(HeaderName, HeaderValue), String> {
+            Ok((
+                name(n)?,
+                HeaderValue::try_from(v.as_str()).map_err(|e| format!("header '{n}': {e}"))?,
+            ))
+        };
+        Ok(Self {
+            remove: transform
+                .remove
+                .iter()
+                .map(|n| name(n))
+                .collect::<Result<_, _>>()?,
+            set: transform.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: transform.add.iter().map(pair).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    /// Applies the edits.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A route ready to serve.
+pub struct CompiledRoute {
+    /// Route name, for logs.
+    pub name: String,
+    /// Where it forwards.
+    pub upstream: Arc<UpstreamPool>,
+    /// Remove the matched prefix before forwarding.
+    pub strip_prefix: bool,
+    /// Forward the client's `Host`.
+    pub preserve_host: bool,
+    /// Who may call it.
+    pub auth: Option<RouteAuth>,
+    /// Largest body accepted.
+    pub max_body_bytes: Option<u64>,
+    /// Request header edits.
+    pub request_edits: HeaderEdits,
+    /// Response header edits.
+    pub response_edits: HeaderEdits,
+}
+
+/// A compiled snapshot: what one request sees from start to end.
+pub struct Compiled {
+    /// Config revision.
+    pub revision: i64,
+    /// Content hash.
+    pub hash: String,
+    /// Route matching.
+    pub router: RouteTable,
+    /// Routes, indexed like the router's matches.
+    pub routes: Vec<CompiledRoute>,
+    /// API keys by digest.
+    pub keys: KeyIndex,
+    /// Consumers by id.
+    pub consumers: HashMap<String, Arc<ConsumerRt>>,
+    /// The snapshot itself, kept for persistence.
+    pub snapshot: Arc<Snapshot>,
+}
+
+/// Checks and compiles `snapshot`; `expected_hash` is what the control plane said it hashes to.
+pub fn compile(
+    snapshot: Snapshot,
+    expected_hash: Option<&str>,
+    clients: &ClientCache,
+) -> Result<Compiled, String> {
+    let hash = snapshot.content_hash();
+    if let Some(expected) = expected_hash
+        && expected != hash
+    {
+        return Err(format!(
+            "content hash mismatch: control plane sent {expected}, computed {hash}"
+        ));
+    }
+    snapshot
+        .check()
+        .map_err(|errors| format!("invalid snapshot: {errors}"))?;
+
+    let mut upstreams: HashMap<&str, Arc<UpstreamPool>> = HashMap::new();
+    for upstream in &snapshot.upstreams {
+        let pool = UpstreamPool::compile(&upstream.spec, clients)
+            .map_err(|e| format!("upstream '{}': {e}", upstream.spec.name))?;
+        upstreams.insert(upstream.spec.name.as_str(), Arc::new(pool));
+    }
+    let issuers = snapshot
+        .jwt_issuers
+        .iter()
+        .map(|issuer| {
+            IssuerKeys::compile(&issuer.spec)
+                .map(|keys| (issuer.spec.name.clone(), Arc::new(keys)))
+                .map_err(|e| format!("JWT issuer '{}': {e}", issuer.spec.name))
+        })
+        .collect::<Result<HashMap<_, _>, _>>()?;
+    let consumers: HashMap<String, Arc<ConsumerRt>> = snapshot
+        .consumers
+        .iter()
+        .map(|consumer| ConsumerRt::compile(consumer).map(|c| (consumer.id.clone(), Arc::new(c))))
+        .collect::<Result<_, _>>()?;
+    let by_username: Arc<HashMap<String, Arc<ConsumerRt>>> = Arc::new(
+        consumers
+            .values()
+            .map(|c| (c.username.clone(), c.clone()))
+            .collect(),
+    );
+
+    let mut routes = Vec::with_capacity(snapshot.routes.len());
+    for route in &snapshot.routes {
+        routes.push(compile_route(route, &upstreams, &issuers, &by_username)?);
+    }
+    Ok(Compiled {
+        revision: snapshot.revision,
+        hash,
+        router: RouteTable::build(&snapshot.routes),
+        routes,
+        keys: KeyIndex::compile(&snapshot.api_keys, &consumers),
+        consumers,
+        snapshot: Arc::new(snapshot),
+    })
+}
+
+fn compile_route(
+    route: &Stored<tollgate_shared::Route>,
+    upstreams: &HashMap<&str, Arc<UpstreamPool>>,
+    issuers: &HashMap<String, Arc<IssuerKeys>>,
+    consumers: &Arc<HashMap<String, Arc<ConsumerRt>>>,
+) -> Result<CompiledRoute, String> {
+    let spec = &route.spec;
+    let context = |e: String| format!("route '{}': {e}", spec.name);
+    let upstream = upstreams
+        .get(spec.upstream.as_str())
+        .cloned()
+        .ok_or_else(|| context(format!("unknown upstream '{}'", spec.upstream)))?;
+    let auth = spec
+        .auth
+        .as_ref()
+        .map(|auth| RouteAuth::compile(auth, issuers, consumers))
+        .transpose()
+        .map_err(context)?;
+    Ok(CompiledRoute {
+        name: spec.name.clone(),
+        upstream,
+        strip_prefix: spec.strip_prefix,
+        preserve_host: spec.preserve_host,
+        auth,
+        max_body_bytes: spec.max_body_bytes.and_then(|m| u64::try_from(m).ok()),
+        request_edits: HeaderEdits::compile(&spec.transforms.request).map_err(context)?,
+        response_edits: HeaderEdits::compile(&spec.transforms.response).map_err(context)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_schedule_is_smooth_and_proportional() {
+        let check = |weights: &[usize], want: &[usize]| {
+            assert_eq!(
+                smooth_weighted_schedule(weights),
+                want,
+                "weights {weights:?}"
+            );
+        };
+        check(&[1], &[0]);
+        check(&[100, 100], &[0, 1]);
+        check(&[5, 1, 1], &[0, 0, 1, 0, 2, 0, 0]);
+        check(&[0, 3], &[1]);
+        check(&[0, 0], &[0]);
+        let long = smooth_weighted_schedule(&[1000, 999, 7]);
+        assert!(long.len() <= 4096 + 3);
+        let share = long.iter().filter(|i| **i == 2).count();
+        assert!(share >= 1);
+    }
+}

@@ -1,0 +1,368 @@
+//! The request pipeline, in fixed phases:
+//!
+//! ```text
+//! load snapshot → framing checks → host + path normalization → route match → guards (body size)
+//! → authenticate → request transforms → pick upstream target → forward (timeout, retries)
+//! → response transforms → X-Request-Id
+//! ```
+//!
+//! A request loads the snapshot once; every phase sees that same version. Bodies stream both
+//! ways; nothing is buffered.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+
+use crate::config::{Compiled, UpstreamBody};
+use crate::error::ProxyError;
+use crate::router::{normalize_host, normalize_path};
+use crate::state::Shared;
+
+/// `X-Request-Id`: passed through when the client sent a sane one, generated otherwise.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+
+/// Headers meaningful only for one hop (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authenticate"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("upgrade"),
+];
+
+/// The response body: the upstream's, streamed, or one the gateway wrote.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Serves one request. Never fails: errors become JSON answers with a stable `code`.
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let request_id = request_id(request.headers());
+    let response = match proxy(&shared, peer, request, &request_id).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(&request_id).map(Either::Right),
+    };
+    shared.metrics.record(response.status());
+    Ok(response)
+}
+
+async fn proxy(
+    shared: &Shared,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
+    let (parts, body) = request.into_parts();
+    check_framing(&parts.headers)?;
+    let content_length = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let has_body =
+        content_length.is_some_and(|l| l > 0) || parts.headers.contains_key(TRANSFER_ENCODING);
+
+    let host_header: Option<HeaderValue> = match parts.uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => parts.headers.get(HOST).cloned(),
+    };
+    let host_value = host_header.as_ref().and_then(|v| v.to_str().ok());
+    let host = match host_value {
+        Some(value) => normalize_host(value).map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        None if parts.version == Version::HTTP_11 => {
+            return Err(ProxyError::BadRequest("missing Host header".into()));
+        }
+        None => String::new(),
+    };
+    let path =
+        normalize_path(parts.uri.path()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    let matched = config
+        .router
+        .find(&host, &path, &parts.method, &parts.headers)
+        .ok_or(ProxyError::NoRoute)?;
+    let route = config
+        .routes
+        .get(matched.route)
+        .ok_or(ProxyError::NoRoute)?;
+
+    // Guards.
+    if let (Some(max), Some(length)) = (route.max_body_bytes, content_length)
+        && length > max
+    {
+        return Err(ProxyError::BodyTooLarge(max));
+    }
+
+    // Authenticate.
+    let identity = match &route.auth {
+        Some(auth) => Some(auth.authenticate(&parts.headers, &config.keys, unix_seconds())?),
+        None => None,
+    };
+
+    // Build the upstream request's headers.
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if let Some(identity) = &identity {
+        for name in &identity.strip {
+            headers.remove(name);
+        }
+        if let Some(consumer) = &identity.consumer {
+            headers.insert(X_CONSUMER_ID, consumer.id_header.clone());
+            headers.insert(X_CONSUMER_USERNAME, consumer.username_header.clone());
+        } else {
+            headers.remove(X_CONSUMER_ID);
+            headers.remove(X_CONSUMER_USERNAME);
+        }
+        for (name, value) in &identity.forward {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    set_forwarded(
+        &mut headers,
+        shared.is_trusted(peer.ip()),
+        peer.ip(),
+        host_value,
+    );
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    if !route.request_edits.is_empty() {
+        route.request_edits.apply(&mut headers);
+    }
+
+    let forwarded_path = if route.strip_prefix {
+        let rest = path.get(matched.prefix_len..).unwrap_or("");
+        if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        path
+    };
+    let query = parts.uri.query();
+    let mut body: Option<Incoming> = has_body.then_some(body);
+    let client_host = if route.preserve_host {
+        host_header.clone()
+    } else {
+        None
+    };
+
+    // Forward, retrying bodyless requests on another target after a connect failure.
+    let pool = &route.upstream;
+    let attempts = if has_body { 1 } else { 1 + pool.retries };
+    let mut last_error = ProxyError::Unreachable;
+    for attempt in 0..attempts {
+        let target = pool.pick();
+        let uri = build_uri(&target.authority, &target.base_path, &forwarded_path, query)?;
+        let mut upstream_headers = if attempt + 1 < attempts {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+        upstream_headers.insert(
+            HOST,
+            client_host
+                .clone()
+                .unwrap_or_else(|| target.host_header.clone()),
+        );
+        let upstream_body: UpstreamBody = match body.take() {
+            Some(incoming) => Either::Left(incoming),
+            None => Either::Right(Empty::new()),
+        };
+        let mut upstream_request = Request::new(upstream_body);
+        *upstream_request.method_mut() = parts.method.clone();
+        *upstream_request.uri_mut() = uri;
+        *upstream_request.version_mut() = Version::HTTP_11;
+        *upstream_request.headers_mut() = upstream_headers;
+
+        match tokio::time::timeout(pool.request_timeout, pool.client.request(upstream_request))
+            .await
+        {
+            Err(_) => return Err(ProxyError::Timeout),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, upstream = %pool.name, target = %target.authority, attempt, "upstream request failed");
+                last_error = ProxyError::Unreachable;
+                if !error.is_connect() {
+                    break;
+                }
+            }
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                if !route.response_edits.is_empty() {
+                    route.response_edits.apply(&mut parts.headers);
+                }
+                parts.headers.insert(X_REQUEST_ID, request_id.clone());
+                return Ok(Response::from_parts(parts, Either::Left(body)));
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Requests whose framing two parsers could read differently are refused.
+fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if lengths.next().is_some() && lengths.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "more than one Content-Length".into(),
+        ));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// `X-Forwarded-*`: kept and extended from trusted peers, replaced for everyone else.
+fn set_forwarded(headers: &mut HeaderMap, trusted: bool, peer: IpAddr, host: Option<&str>) {
+    let peer_text = peer.to_string();
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if trusted => format!("{existing}, {peer_text}"),
+        _ => peer_text,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
+        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(value) => {
+                headers.insert(X_FORWARDED_HOST, value);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+fn build_uri(
+    authority: &http::uri::Authority,
+    base: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, ProxyError> {
+    let mut path_and_query =
+        String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    path_and_query.push_str(base);
+    path_and_query.push_str(path);
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))
+}
+
+/// The client's request id when it is 1–128 visible ASCII characters, else a new random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            return value.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    let mut buffer = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in buffer.iter_mut().enumerate() {
+        *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_pass_through_or_are_generated() {
+        let mut headers = HeaderMap::new();
+        let generated = request_id(&headers);
+        assert_eq!(generated.len(), 32);
+        assert_ne!(request_id(&headers), generated);
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers), "has space");
+    }
+
+    #[test]
+    fn forwarded_headers_trust_only_trusted_peers() {
+        let peer: IpAddr = "10.0.0.9".parse().expect("ip");
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let mut untrusted = headers.clone();
+        set_forwarded(&mut untrusted, false, peer, Some("api.example.com"));
+        assert_eq!(untrusted[X_FORWARDED_FOR], "10.0.0.9");
+        assert_eq!(untrusted[X_FORWARDED_PROTO], "http");
+        assert_eq!(untrusted[X_FORWARDED_HOST], "api.example.com");
+        set_forwarded(&mut headers, true, peer, Some("api.example.com"));
+        assert_eq!(headers[X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        assert_eq!(headers[X_FORWARDED_PROTO], "https");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+}

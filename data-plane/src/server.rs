@@ -1,0 +1,133 @@
+//! The listeners: the proxy (HTTP/1.1 and cleartext HTTP/2, keep-alive) and the status
+//! endpoints (`/healthz`, `/readyz`, `/metrics`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Shared;
+
+/// How long in-flight requests get to finish at shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Accepts proxy connections until `cancel`, then drains in-flight requests.
+pub async fn serve_proxy(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_header_bytes: usize,
+    cancel: CancellationToken,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .max_buf_size(max_header_bytes)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off a little.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let service = service_fn(move |request| crate::proxy::handle(shared.clone(), peer, request));
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            () = cancel.cancelled() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(DRAIN) => tracing::warn!("shutdown: gave up waiting for in-flight requests"),
+    }
+}
+
+/// Serves `/healthz` (alive), `/readyz` (a config is loaded) and `/metrics` (Prometheus).
+pub async fn serve_status(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let service = service_fn(move |request| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, std::convert::Infallible>(status(&shared, &request)) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+fn status(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let ready = shared.config.load().is_some();
+    let (code, content_type, body) = match request.uri().path() {
+        "/healthz" => (
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.to_string(),
+        ),
+        "/readyz" if ready => {
+            let revision = shared.config.load().as_ref().map_or(0, |c| c.revision);
+            (
+                StatusCode::OK,
+                "application/json",
+                format!(r#"{{"status":"ready","revision":{revision}}}"#),
+            )
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            r#"{"status":"not_ready","code":"no_config"}"#.to_string(),
+        ),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(ready),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"code":"not_found"}"#.to_string(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}

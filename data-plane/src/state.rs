@@ -1,0 +1,119 @@
+//! What every request and the sync client share: the current compiled snapshot behind one
+//! `ArcSwap`, the trusted-proxy list, the upstream client cache and the counters.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
+
+use crate::config::{ClientCache, Compiled};
+use crate::settings::Cidr;
+
+/// Shared state of one data plane.
+pub struct Shared {
+    /// The config requests see; `None` until the first snapshot is applied.
+    pub config: ArcSwapOption<Compiled>,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Upstream clients, kept across snapshots.
+    pub clients: ClientCache,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    /// Fresh state with no config.
+    pub fn new(trusted_proxies: Vec<Cidr>) -> Self {
+        Self {
+            config: ArcSwapOption::empty(),
+            trusted_proxies,
+            clients: ClientCache::default(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
+
+    /// Swaps in a new compiled snapshot atomically.
+    pub fn apply(&self, compiled: Arc<Compiled>) {
+        self.metrics.revision.store(
+            u64::try_from(compiled.revision).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        self.metrics.applied.fetch_add(1, Ordering::Relaxed);
+        self.config.store(Some(compiled));
+    }
+}
+
+/// Request and sync counters (relaxed atomics: one increment per request).
+#[derive(Default)]
+pub struct Metrics {
+    /// Responses by status class: 1xx..5xx.
+    pub responses: [AtomicU64; 5],
+    /// Revision being served.
+    pub revision: AtomicU64,
+    /// Snapshots applied.
+    pub applied: AtomicU64,
+    /// Snapshots refused.
+    pub rejected: AtomicU64,
+    /// 1 while the sync stream is up.
+    pub connected: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one response.
+    pub fn record(&self, status: http::StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, ready: bool) -> String {
+        let mut out = String::with_capacity(1024);
+        out.push_str("# HELP tollgate_responses_total Responses sent, by status class.\n# TYPE tollgate_responses_total counter\n");
+        for (i, counter) in self.responses.iter().enumerate() {
+            out.push_str(&format!(
+                "tollgate_responses_total{{class=\"{}xx\"}} {}\n",
+                i + 1,
+                counter.load(Ordering::Relaxed)
+            ));
+        }
+        let gauges = [
+            (
+                "tollgate_config_revision",
+                "Config revision being served.",
+                self.revision.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_config_applied_total",
+                "Snapshots applied.",
+                self.applied.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_config_rejected_total",
+                "Snapshots refused (nacked).",
+                self.rejected.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_sync_connected",
+                "1 while connected to a control plane.",
+                self.connected.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_ready",
+                "1 once a config is loaded.",
+                u64::from(ready),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
