@@ -75,6 +75,16 @@ impl TestDb {
         }
     }
 
+    /// The same database for another control-plane replica; only `self` cleans it up.
+    pub fn share(&self) -> TestDb {
+        TestDb {
+            backend: self.backend,
+            url: self.url.clone(),
+            schema: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
     /// Every text value stored in every table, for "no plaintext secret" checks.
     pub async fn dump_text(&self) -> String {
         sqlx::any::install_default_drivers();
@@ -164,6 +174,7 @@ impl Drop for TestDb {
 /// A running control plane and a client holding a valid admin token.
 pub struct TestApp {
     pub base: String,
+    pub cluster: std::net::SocketAddr,
     pub token: String,
     pub client: reqwest::Client,
     pub db: TestDb,
@@ -176,12 +187,20 @@ pub struct TestApp {
 pub const CLUSTER_TOKEN: &str = "test-cluster-token-0123456789";
 
 pub fn settings_for(db: &TestDb, admin_token: Option<&str>) -> Settings {
+    settings_with_cluster(db, admin_token, "127.0.0.1:0".parse().expect("addr"))
+}
+
+pub fn settings_with_cluster(
+    db: &TestDb,
+    admin_token: Option<&str>,
+    cluster: std::net::SocketAddr,
+) -> Settings {
     Settings {
         database_url: Some(Secret::new(db.url.clone())),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         admin_token: admin_token.map(Secret::new),
         data_dir: db.dir.path().to_path_buf(),
-        cluster_listen: "127.0.0.1:0".parse().expect("addr"),
+        cluster_listen: cluster,
         cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
         config_poll_seconds: 5,
         data_plane_timeout_seconds: 30,
@@ -197,9 +216,19 @@ impl TestApp {
 
     /// Starts a control plane on an existing database; without a token, uses the generated one.
     pub async fn spawn_on(db: TestDb, admin_token: Option<&str>) -> Self {
-        let app = Application::build(&settings_for(&db, admin_token))
+        Self::spawn_with(db, admin_token, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts a control plane on `db` whose cluster listener binds `cluster`.
+    pub async fn spawn_with(
+        db: TestDb,
+        admin_token: Option<&str>,
+        cluster: std::net::SocketAddr,
+    ) -> Self {
+        let app = Application::build(&settings_with_cluster(&db, admin_token, cluster))
             .await
             .expect("control plane starts");
+        let cluster = app.cluster_addr().expect("cluster listener is on");
         let generated_token = app.generated_admin_token().map(str::to_string);
         let token = admin_token
             .map(str::to_string)
@@ -212,6 +241,7 @@ impl TestApp {
         }));
         Self {
             base,
+            cluster,
             token,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -336,4 +366,258 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+// ---------------------------------------------------------------- data planes and upstreams
+
+/// A request as an upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: http::HeaderMap,
+    pub body_bytes: u64,
+}
+
+/// A real HTTP upstream on loopback that records every request it gets.
+///
+/// Paths: `/slow/{ms}` waits before answering; `/download/{bytes}` streams that many bytes;
+/// anything else consumes the body (streaming, counting bytes) and answers a JSON echo
+/// naming this upstream.
+pub struct TestUpstream {
+    pub addr: std::net::SocketAddr,
+    pub name: String,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl TestUpstream {
+    pub async fn start(name: &str) -> Self {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (name_owned, seen_task, stop_task) = (name.to_string(), seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => continue },
+                    () = stop_task.cancelled() => return,
+                };
+                let (name, seen) = (name_owned.clone(), seen_task.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            let (name, seen) = (name.clone(), seen.clone());
+                            async move {
+                                let (parts, mut body) = request.into_parts();
+                                let mut body_bytes = 0u64;
+                                while let Some(frame) = body.frame().await {
+                                    match frame {
+                                        Ok(frame) => {
+                                            body_bytes +=
+                                                frame.data_ref().map_or(0, |d| d.len() as u64)
+                                        }
+                                        Err(_) => break,
+                                    }
+                                }
+                                let path = parts.uri.path().to_string();
+                                seen.lock().expect("lock").push(Seen {
+                                    method: parts.method.to_string(),
+                                    path: path.clone(),
+                                    query: parts.uri.query().map(str::to_string),
+                                    headers: parts.headers.clone(),
+                                    body_bytes,
+                                });
+                                if let Some(ms) = path
+                                    .strip_prefix("/slow/")
+                                    .and_then(|m| m.parse::<u64>().ok())
+                                {
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                                }
+                                let body: http_body_util::combinators::BoxBody<
+                                    bytes::Bytes,
+                                    std::convert::Infallible,
+                                > = if let Some(n) = path
+                                    .strip_prefix("/download/")
+                                    .and_then(|n| n.parse::<u64>().ok())
+                                {
+                                    download_body(n)
+                                } else {
+                                    let text = serde_json::json!({"upstream": name, "path": path, "body_bytes": body_bytes}).to_string();
+                                    http_body_util::Full::new(bytes::Bytes::from(text)).boxed()
+                                };
+                                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            name: name.to_string(),
+            seen,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A body of `n` bytes produced 64 KiB at a time, never held in memory whole.
+pub fn download_body(
+    n: u64,
+) -> http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = left.min(chunk.len() as u64);
+            let frame = hyper::body::Frame::data(chunk.slice(..take as usize));
+            Some((Ok::<_, std::convert::Infallible>(frame), left - take))
+        }
+    });
+    http_body_util::StreamBody::new(stream).boxed()
+}
+
+/// A data plane running in this process.
+pub struct TestDp {
+    pub proxy: std::net::SocketAddr,
+    pub status: std::net::SocketAddr,
+    pub node_id: String,
+    pub dir: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestDp {
+    /// Starts a data plane syncing from `cluster` with its data in `dir`.
+    pub async fn start(
+        cluster: std::net::SocketAddr,
+        dir: &std::path::Path,
+        node_id: &str,
+    ) -> Self {
+        let settings = tollgate_data_plane::Settings {
+            control_plane_url: format!("http://{cluster}"),
+            cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
+            proxy_listen: "127.0.0.1:0".parse().expect("addr"),
+            status_listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.to_path_buf(),
+            node_id: Some(node_id.to_string()),
+            worker_threads: None,
+            trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
+            heartbeat_seconds: 1,
+            max_header_bytes: 16 * 1024,
+        };
+        let dp = tollgate_data_plane::DataPlane::build(&settings)
+            .await
+            .expect("data plane starts");
+        let (proxy, status) = (dp.proxy_addr(), dp.status_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(dp.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            proxy,
+            status,
+            node_id: node_id.to_string(),
+            dir: dir.to_path_buf(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("dp task").expect("dp stops cleanly");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// The revision the node serves, from `/readyz` (None while not ready).
+    pub async fn revision(&self, client: &reqwest::Client) -> Option<i64> {
+        let response = client
+            .get(format!("http://{}/readyz", self.status))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json::<Value>().await.ok()?["revision"].as_i64()
+    }
+}
+
+impl Drop for TestDp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Polls `check` every 5 ms until it holds; returns how long that took, or panics after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends raw bytes on a new connection and returns everything the server answers until it
+/// closes or goes quiet for a second.
+pub async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buffer[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
 }

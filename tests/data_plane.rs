@@ -1,0 +1,300 @@
+//! Data plane end to end: real control planes on Postgres, real data planes, real upstreams
+//! on loopback, all on random ports.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, TestApp, TestDp, TestUpstream, raw_request, wait_until};
+use serde_json::{Value, json};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+async fn status_of(client: &reqwest::Client, url: &str) -> u16 {
+    client
+        .get(url)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+async fn upstream_name(client: &reqwest::Client, url: &str) -> Option<String> {
+    let response = client.get(url).send().await.ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    Some(
+        response.json::<Value>().await.ok()?["upstream"]
+            .as_str()?
+            .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_reach_the_data_plane_within_a_second() {
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let (blue, green) = (
+        TestUpstream::start("blue").await,
+        TestUpstream::start("green").await,
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
+    let client = client();
+    let limit = Duration::from_secs(1);
+
+    // Before any route: 404 once the (empty) config is loaded.
+    wait_until(Duration::from_secs(5), "data plane ready", || async {
+        dp.revision(&client).await.is_some()
+    })
+    .await;
+    assert_eq!(status_of(&client, &dp.url("/api/x")).await, 404);
+
+    cp.create(
+        "/upstreams",
+        json!({"name": "blue", "targets": [{"url": blue.url()}]}),
+    )
+    .await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "green", "targets": [{"url": green.url()}]}),
+    )
+    .await;
+    cp.create(
+        "/routes",
+        json!({"name": "api", "paths": ["/api"], "upstream": "blue"}),
+    )
+    .await;
+    let created = wait_until(limit, "route served", || async {
+        upstream_name(&client, &dp.url("/api/x")).await.as_deref() == Some("blue")
+    })
+    .await;
+
+    cp.patch("/routes/api", json!({"upstream": "green"})).await;
+    let updated = wait_until(limit, "route updated", || async {
+        upstream_name(&client, &dp.url("/api/x")).await.as_deref() == Some("green")
+    })
+    .await;
+
+    cp.delete("/routes/api").await;
+    let deleted = wait_until(limit, "route deleted", || async {
+        status_of(&client, &dp.url("/api/x")).await == 404
+    })
+    .await;
+    eprintln!(
+        "propagation (write acknowledged → visible on the DP): create {created:?}, update {updated:?}, delete {deleted:?}"
+    );
+
+    // The control plane knows the node and its applied revision.
+    let revision = cp.revision().await;
+    wait_until(Duration::from_secs(2), "ack recorded", || async {
+        let (_, planes) = cp.get("/data-planes").await;
+        planes[0]["applied_revision"] == revision && planes[0]["in_sync"] == true
+    })
+    .await;
+    let (_, planes) = cp.get("/data-planes").await;
+    assert_eq!(planes[0]["node_id"], "dp-1");
+    assert_eq!(planes[0]["state"], "synced");
+    assert_eq!(planes[0]["live"], true);
+    dp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_planes_on_two_replicas_converge() {
+    let cp1 = TestApp::spawn(Backend::Postgres).await;
+    let cp2 = TestApp::spawn_on(cp1.db.share(), Some(&cp1.token)).await;
+    let upstream = TestUpstream::start("u").await;
+    let (dir1, dir2) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let dp1 = TestDp::start(cp1.cluster, dir1.path(), "dp-a").await;
+    let dp2 = TestDp::start(cp2.cluster, dir2.path(), "dp-b").await;
+    let client = client();
+
+    cp1.create(
+        "/upstreams",
+        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    cp2.create(
+        "/routes",
+        json!({"name": "one", "paths": ["/one"], "upstream": "u"}),
+    )
+    .await;
+    cp1.create(
+        "/routes",
+        json!({"name": "two", "paths": ["/two"], "upstream": "u"}),
+    )
+    .await;
+    cp2.patch("/routes/one", json!({"paths": ["/uno"]})).await;
+    let revision = cp1.revision().await;
+    assert_eq!(cp2.revision().await, revision);
+
+    for dp in [&dp1, &dp2] {
+        let took = wait_until(
+            Duration::from_secs(2),
+            "both data planes at the last revision",
+            || async { dp.revision(&client).await == Some(revision) },
+        )
+        .await;
+        eprintln!("{} converged in {took:?}", dp.node_id);
+        assert_eq!(status_of(&client, &dp.url("/uno")).await, 200);
+        assert_eq!(status_of(&client, &dp.url("/two")).await, 200);
+        assert_eq!(status_of(&client, &dp.url("/one")).await, 404);
+    }
+    // Either replica reports both nodes, in sync.
+    wait_until(Duration::from_secs(2), "both acks recorded", || async {
+        let (_, planes) = cp2.get("/data-planes").await;
+        planes
+            .as_array()
+            .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["in_sync"] == true))
+    })
+    .await;
+    let (_, planes) = cp1.get("/data-planes").await;
+    let replicas: std::collections::BTreeSet<&str> = planes
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|p| p["control_plane"].as_str())
+        .collect();
+    assert_eq!(
+        replicas.len(),
+        2,
+        "each node is recorded against its own replica: {planes}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_survives_control_plane_outage_and_restart() {
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let cluster = cp.cluster;
+    let upstream = TestUpstream::start("u").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dp = TestDp::start(cluster, dir.path(), "dp-1").await;
+    let client = client();
+    cp.create(
+        "/upstreams",
+        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    cp.create(
+        "/routes",
+        json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
+    )
+    .await;
+    let revision = cp.revision().await;
+    wait_until(Duration::from_secs(2), "route served", || async {
+        dp.revision(&client).await == Some(revision)
+    })
+    .await;
+
+    // Control plane gone: every request still succeeds.
+    let (token, db) = (cp.token.clone(), cp.stop().await);
+    let mut ok = 0;
+    for _ in 0..200 {
+        if status_of(&client, &dp.url("/r")).await == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 200, "100% success while the control plane is down");
+
+    // Data plane restarted while the control plane is down: serves from its disk snapshot.
+    dp.stop().await;
+    let dp = TestDp::start(cluster, dir.path(), "dp-1").await;
+    assert_eq!(
+        dp.revision(&client).await,
+        Some(revision),
+        "ready from disk at once"
+    );
+    for _ in 0..50 {
+        assert_eq!(status_of(&client, &dp.url("/r")).await, 200);
+    }
+
+    // Control plane back (same database, same cluster address): the node catches up.
+    let cp = TestApp::spawn_with(db, Some(&token), cluster).await;
+    cp.create(
+        "/routes",
+        json!({"name": "later", "paths": ["/later"], "upstream": "u"}),
+    )
+    .await;
+    let revision = cp.revision().await;
+    let took = wait_until(
+        Duration::from_secs(10),
+        "caught up after reconnect",
+        || async { dp.revision(&client).await == Some(revision) },
+    )
+    .await;
+    eprintln!("reconnected and caught up in {took:?}");
+    assert_eq!(status_of(&client, &dp.url("/later")).await, 200);
+    dp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let upstream = TestUpstream::start("u").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
+    let client = client();
+    cp.create(
+        "/upstreams",
+        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    cp.create(
+        "/routes",
+        json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
+    )
+    .await;
+    let good = cp.revision().await;
+    wait_until(Duration::from_secs(2), "good config applied", || async {
+        dp.revision(&client).await == Some(good)
+    })
+    .await;
+
+    // The control plane only checks the PEM's armour; the data plane parses the key and refuses.
+    cp.create(
+        "/jwt-issuers",
+        json!({"name": "broken", "issuer": "i", "algorithms": ["RS256"],
+               "public_key_pem": "-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n"}),
+    )
+    .await;
+    cp.create(
+        "/routes",
+        json!({"name": "new", "paths": ["/new"], "upstream": "u"}),
+    )
+    .await;
+    wait_until(Duration::from_secs(2), "nack recorded", || async {
+        let (_, planes) = cp.get("/data-planes").await;
+        planes[0]["state"] == "nacked"
+    })
+    .await;
+    let (_, planes) = cp.get("/data-planes").await;
+    let error = planes[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("public_key_pem"),
+        "nack reason shown: {error}"
+    );
+    assert_eq!(planes[0]["applied_revision"], good);
+    assert_eq!(planes[0]["in_sync"], false);
+    // Still serving the previous config.
+    assert_eq!(dp.revision(&client).await, Some(good));
+    assert_eq!(status_of(&client, &dp.url("/r")).await, 200);
+    assert_eq!(status_of(&client, &dp.url("/new")).await, 404);
+
+    // Fixing the config is picked up.
+    cp.delete("/jwt-issuers/broken").await;
+    let fixed = cp.revision().await;
+    wait_until(Duration::from_secs(2), "fixed config applied", || async {
+        dp.revision(&client).await == Some(fixed)
+    })
+    .await;
+    assert_eq!(status_of(&client, &dp.url("/new")).await, 200);
+    let (_, planes) = cp.get("/data-planes").await;
+    assert_eq!(planes[0]["error"], Value::Null);
+}
