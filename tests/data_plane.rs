@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestApp, TestDp, TestUpstream, raw_request, wait_until};
+use common::{Backend, TestApp, TestDp, TestUpstream, wait_until};
 use serde_json::{Value, json};
 
 fn client() -> reqwest::Client {

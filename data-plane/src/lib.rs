@@ -7,6 +7,7 @@
 //! - [`config`]: compiling a snapshot into the runtime form (routes, upstream pools, keys).
 //! - [`router`]: path and host normalization, the compiled route table.
 //! - [`server`]: the proxy and status listeners.
+//! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
 //! - [`proxy`]: the request pipeline, phase by phase.
 //! - [`auth`], [`jwt`]: API-key and JWT authentication.
 //! - [`error`]: the one mapping from proxy errors to JSON answers.
@@ -16,6 +17,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod jwt;
 pub mod persist;
 pub mod proxy;

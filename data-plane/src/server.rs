@@ -15,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::framing::Guarded;
 use crate::state::Shared;
 
 /// How long in-flight requests get to finish at shutdown.
@@ -51,7 +52,7 @@ pub async fn serve_proxy(
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let service = service_fn(move |request| crate::proxy::handle(shared.clone(), peer, request));
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = builder.serve_connection(TokioIo::new(Guarded::new(stream)), service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {

@@ -606,7 +606,7 @@ where
 }
 
 /// Sends raw bytes on a new connection and returns everything the server answers until it
-/// closes or goes quiet for a second.
+/// closes, or goes quiet (a second before the first byte, 200 ms after).
 pub async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -614,7 +614,12 @@ pub async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let mut buffer = [0u8; 8192];
     loop {
-        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await {
+        let quiet = if out.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(200)
+        };
+        match tokio::time::timeout(quiet, stream.read(&mut buffer)).await {
             Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
             Ok(Ok(n)) => out.extend_from_slice(&buffer[..n]),
         }

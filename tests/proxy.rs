@@ -1,0 +1,413 @@
+//! The proxy's behaviour towards clients and upstreams: refusals, forwarding semantics,
+//! authentication, load balancing and error answers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, TestApp, TestDp, TestUpstream, raw_request, wait_until};
+use serde_json::{Value, json};
+
+/// A control plane, one data plane and one upstream, with `routes` created and applied.
+struct Setup {
+    cp: TestApp,
+    dp: TestDp,
+    upstream: TestUpstream,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(routes: &[Value]) -> Setup {
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let upstream = TestUpstream::start("u").await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    for route in routes {
+        cp.create("/routes", route.clone()).await;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let setup = Setup {
+        cp,
+        dp,
+        upstream,
+        client,
+        _dir: dir,
+    };
+    setup.sync().await;
+    setup
+}
+
+impl Setup {
+    /// Waits until the data plane serves the control plane's current revision.
+    async fn sync(&self) {
+        let revision = self.cp.revision().await;
+        wait_until(Duration::from_secs(3), "data plane synced", || async {
+            self.dp.revision(&self.client).await == Some(revision)
+        })
+        .await;
+    }
+
+    async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut request = self.client.get(self.dp.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_and_never_reach_the_upstream() {
+    let s = setup(&[json!({"name": "public", "paths": ["/public"], "upstream": "u"})]).await;
+    let big = format!(
+        "GET /public/a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("encoded traversal", "GET /public/%2e%2e/admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("raw traversal", "GET /public/../admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("dot segment", "GET /public/./a HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("encoded slash", "GET /public%2f..%2fadmin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("backslash", "GET /public/..\\admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("encoded NUL", "GET /public/a%00 HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("oversized headers", big, "431"),
+        ("invalid host", "GET /public/a HTTP/1.1\r\nHost: bad host\r\n\r\n".into(), "400"),
+        ("userinfo host", "GET /public/a HTTP/1.1\r\nHost: user@evil.example\r\n\r\n".into(), "400"),
+        ("missing host", "GET /public/a HTTP/1.1\r\n\r\n".into(), "400"),
+        ("CL then TE", "POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), "400"),
+        ("TE then CL", "POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n".into(), "400"),
+        ("duplicate CL, same", "POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd".into(), "400"),
+        ("duplicate CL, different", "POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".into(), "400"),
+        ("TE list", "POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n".into(), "400"),
+        ("TE not chunked", "POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabcd".into(), "400"),
+    ];
+    for (name, request, status) in &cases {
+        let answer = raw_request(s.dp.proxy, request.as_bytes()).await;
+        let status_line = answer.lines().next().unwrap_or_default();
+        assert!(
+            status_line.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: expected {status}, got {status_line:?}"
+        );
+    }
+    // Smuggling behind a clean request on the same connection: the first is served, the
+    // second refused.
+    let answer = raw_request(
+        s.dp.proxy,
+        b"GET /public/first HTTP/1.1\r\nHost: x\r\n\r\nPOST /public/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+
+    let seen = s.upstream.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the clean request reached the upstream: {seen:?}"
+    );
+    assert_eq!(seen[0].path, "/public/first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_semantics() {
+    let s = setup(&[
+        json!({"name": "strip", "paths": ["/api"], "upstream": "u", "strip_prefix": true,
+               "transforms": {"request": {"set": {"X-Added": "in"}, "remove": ["X-Remove-Me"]},
+                              "response": {"set": {"X-Gateway": "tollgate"}}}}),
+        json!({"name": "keep", "paths": ["/keep"], "upstream": "u", "preserve_host": true}),
+    ])
+    .await;
+
+    let (status, body, headers) = s
+        .get(
+            "/api/v1/items?q=1&b=two",
+            &[
+                ("X-Forwarded-For", "1.2.3.4"),
+                ("Connection", "x-hop"),
+                ("X-Hop", "secret"),
+                ("X-Remove-Me", "1"),
+                ("X-Request-Id", "client-chosen-id"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/v1/items", "prefix stripped");
+    assert_eq!(headers["x-request-id"], "client-chosen-id");
+    assert_eq!(headers["x-gateway"], "tollgate");
+    let seen = s
+        .upstream
+        .requests()
+        .pop()
+        .expect("request reached the upstream");
+    assert_eq!(seen.query.as_deref(), Some("q=1&b=two"));
+    assert_eq!(
+        seen.headers["host"],
+        s.upstream.addr.to_string(),
+        "Host is the target's"
+    );
+    assert_eq!(
+        seen.headers["x-forwarded-for"], "127.0.0.1",
+        "an untrusted peer's XFF is replaced"
+    );
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], s.dp.proxy.to_string());
+    assert_eq!(seen.headers["x-request-id"], "client-chosen-id");
+    assert_eq!(seen.headers["x-added"], "in");
+    assert!(
+        !seen.headers.contains_key("x-hop"),
+        "headers named by Connection are hop-by-hop"
+    );
+    assert!(!seen.headers.contains_key("x-remove-me"));
+
+    // A generated request id when the client sends none, the same on both sides.
+    let (_, _, headers) = s.get("/api/x", &[]).await;
+    let id = headers["x-request-id"].to_str().expect("ascii").to_string();
+    assert_eq!(id.len(), 32);
+    assert_eq!(
+        s.upstream.requests().pop().expect("seen").headers["x-request-id"],
+        id.as_str()
+    );
+
+    // preserve_host forwards the client's Host.
+    let (status, _, _) = s.get("/keep/x", &[("Host", "api.example.com")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.upstream.requests().pop().expect("seen").headers["host"],
+        "api.example.com"
+    );
+    let (status, body, _) = s.get("/keep", &[]).await;
+    assert_eq!(
+        (status, body["path"].as_str()),
+        (200, Some("/keep")),
+        "no strip_prefix"
+    );
+
+    // Unknown path: 404 with a stable code and the request id.
+    let (status, body, headers) = s.get("/nope", &[]).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["code"], "no_route");
+    assert_eq!(
+        body["request_id"],
+        headers["x-request-id"].to_str().expect("ascii")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_authenticate_and_restrict() {
+    let s = setup(&[
+        json!({"name": "open-to-keys", "paths": ["/k"], "upstream": "u", "auth": {"api_key": {}}}),
+        json!({"name": "vip", "paths": ["/vip"], "upstream": "u",
+               "auth": {"api_key": {"header": "X-Custom-Key"}, "allowed_tags": ["vip"]}}),
+    ])
+    .await;
+    s.cp.create("/consumers", json!({"username": "alice", "tags": ["vip"]}))
+        .await;
+    s.cp.create("/consumers", json!({"username": "bob"})).await;
+    let (_, alice) = s.cp.post("/consumers/alice/keys", json!({})).await;
+    let (_, bob) = s.cp.post("/consumers/bob/keys", json!({})).await;
+    let (_, short) =
+        s.cp.post("/consumers/bob/keys", json!({"ttl_seconds": 1}))
+            .await;
+    s.sync().await;
+    let (alice_key, bob_key) = (
+        alice["key"].as_str().expect("key"),
+        bob["key"].as_str().expect("key"),
+    );
+
+    let (status, body, _) = s.get("/k/x", &[("X-API-Key", alice_key)]).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = s.upstream.requests().pop().expect("seen");
+    assert_eq!(seen.headers["x-consumer-username"], "alice");
+    assert_eq!(
+        seen.headers["x-consumer-id"],
+        alice["consumer_id"].as_str().expect("id")
+    );
+    assert!(
+        !seen.headers.contains_key("x-api-key"),
+        "the key is stripped"
+    );
+
+    let (status, _, _) = s
+        .get("/k/x", &[("Authorization", &format!("Bearer {bob_key}"))])
+        .await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.requests().pop().expect("seen");
+    assert_eq!(seen.headers["x-consumer-username"], "bob");
+    assert!(
+        !seen.headers.contains_key("authorization"),
+        "the bearer key is stripped"
+    );
+
+    // A client cannot pose as a consumer.
+    let before = s.upstream.requests().len();
+    for (headers, status, code) in [
+        (vec![], 401, "unauthorized"),
+        (
+            vec![("X-API-Key", "tg_not-a-real-key")],
+            401,
+            "unauthorized",
+        ),
+        (vec![("X-Consumer-Username", "alice")], 401, "unauthorized"),
+    ] {
+        let (got, body, _) = s.get("/k/x", &headers).await;
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (status, Some(code)),
+            "{headers:?}"
+        );
+    }
+    // Tags restrict: alice (vip) passes, bob is known but not allowed.
+    let (status, _, _) = s.get("/vip/x", &[("X-Custom-Key", alice_key)]).await;
+    assert_eq!(status, 200);
+    let (status, body, _) = s.get("/vip/x", &[("X-Custom-Key", bob_key)]).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    assert_eq!(
+        s.upstream.requests().len(),
+        before + 1,
+        "refused requests never reach the upstream"
+    );
+
+    // Expired key: refused once its time has passed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _, _) = s
+        .get(
+            "/k/x",
+            &[("X-API-Key", short["key"].as_str().expect("key"))],
+        )
+        .await;
+    assert_eq!(status, 401, "expired key");
+
+    // Revoked key: refused as soon as the revocation propagates.
+    let (status, _) =
+        s.cp.delete(&format!(
+            "/consumers/alice/keys/{}",
+            alice["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(status, 204);
+    let took = wait_until(Duration::from_secs(1), "revocation effective", || async {
+        s.get("/k/x", &[("X-API-Key", alice_key)]).await.0 == 401
+    })
+    .await;
+    eprintln!("revocation effective after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_and_upstream_errors() {
+    let s = setup(&[]).await;
+    let other = TestUpstream::start("other").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "pair", "targets": [{"url": s.upstream.url(), "weight": 300}, {"url": other.url(), "weight": 100}]}),
+    )
+    .await;
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "dead", "targets": [{"url": format!("http://{closed}")}]}),
+    )
+    .await;
+    s.cp.create("/upstreams", json!({"name": "slow", "targets": [{"url": s.upstream.url()}], "timeouts": {"request_ms": 300}})).await;
+    for (name, upstream) in [("pair", "pair"), ("dead", "dead"), ("slow", "slow")] {
+        s.cp.create(
+            "/routes",
+            json!({"name": name, "paths": [format!("/{name}")], "upstream": upstream}),
+        )
+        .await;
+    }
+    s.sync().await;
+
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let (_, body, _) = s.get("/pair", &[]).await;
+        *counts
+            .entry(body["upstream"].as_str().unwrap_or("?").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("u"), Some(&30), "{counts:?}");
+    assert_eq!(counts.get("other"), Some(&10), "{counts:?}");
+
+    let (status, body, _) = s.get("/dead", &[]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("upstream_unreachable"))
+    );
+    let started = std::time::Instant::now();
+    let (status, body, _) = s.get("/slow/2000", &[]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (504, Some("upstream_timeout"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "timed out at the route's limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_config_the_node_is_not_ready() {
+    // Nothing listens at this cluster address: the node never gets a config.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let dir = tempfile::tempdir().expect("dir");
+    let dp = TestDp::start(nowhere, dir.path(), "lonely").await;
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(format!("http://{}/readyz", dp.status))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(ready.status(), 503);
+    let healthy = client
+        .get(format!("http://{}/healthz", dp.status))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(healthy.status(), 200);
+    let response = client.get(dp.url("/anything")).send().await.expect("proxy");
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["code"], "no_config");
+    dp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_is_served() {
+    let s = setup(&[json!({"name": "h2", "paths": ["/h2"], "upstream": "u"})]).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let response = client
+        .get(s.dp.url("/h2/x"))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let seen = s.upstream.requests().pop().expect("seen");
+    assert_eq!(seen.path, "/h2/x");
+    assert_eq!(seen.headers["x-forwarded-host"], s.dp.proxy.to_string());
+}
