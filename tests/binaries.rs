@@ -1,0 +1,252 @@
+//! The real `tollgate` binary: the quickstart (the README's run command), SIGTERM handling, and
+//! a data-plane process streaming 100 MB each way with flat memory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Backend, CLUSTER_TOKEN, TestApp, TestUpstream, wait_until};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// Peak and current resident memory of a process, in KiB, from /proc.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_serves_the_demo_and_stops_on_sigterm() {
+    let mut child = Command::new(BINARY)
+        .args([
+            "quickstart",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--status-listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("quickstart starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let process = Process(child);
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("utf-8 output");
+            let done = line.contains("QUICKSTART READY");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(30), lines)
+        .await
+        .expect("quickstart prints its banner in time")
+        .expect("reader");
+    let value_of = |label: &str| {
+        lines
+            .iter()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(label)
+                    .map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string())
+            })
+            .unwrap_or_else(|| panic!("no {label} line in {lines:#?}"))
+    };
+    let (proxy, admin, key, token) = (
+        value_of("proxy"),
+        value_of("admin API"),
+        value_of("demo API key"),
+        value_of("admin token"),
+    );
+    let client = reqwest::Client::new();
+
+    // The curl lines the banner prints work.
+    let public = client
+        .get(format!("{proxy}/public/hello"))
+        .send()
+        .await
+        .expect("public");
+    assert_eq!(public.status(), 200);
+    let denied = client
+        .get(format!("{proxy}/echo/hello"))
+        .send()
+        .await
+        .expect("no key");
+    assert_eq!(denied.status(), 401);
+    let echoed: Value = client
+        .get(format!("{proxy}/echo/hello"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .expect("with key")
+        .json()
+        .await
+        .expect("echo json");
+    assert_eq!(echoed["path"], "/hello");
+    assert_eq!(echoed["headers"]["x-consumer-username"], "demo");
+    assert!(echoed["headers"].get("x-api-key").is_none());
+    let routes = client
+        .get(format!("{admin}/routes"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(routes.status(), 200);
+
+    // SIGTERM: a clean exit.
+    let mut process = process;
+    sigterm(&process.0);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = process.0.wait();
+        (status, process)
+    });
+    let (status, _process) = tokio::time::timeout(Duration::from_secs(15), status)
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(
+        status.expect("status").success(),
+        "graceful shutdown exits 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let upstream = TestUpstream::start("big").await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "big", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    cp.create(
+        "/routes",
+        json!({"name": "big", "paths": ["/"], "upstream": "big"}),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let ports = [free_port(), free_port()];
+    let child = Command::new(BINARY)
+        .arg("data-plane")
+        .env(
+            "TOLLGATE_CONTROL_PLANE_URL",
+            format!("http://{}", cp.cluster),
+        )
+        .env("TOLLGATE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .env("TOLLGATE_PROXY_LISTEN", format!("127.0.0.1:{}", ports[0]))
+        .env("TOLLGATE_STATUS_LISTEN", format!("127.0.0.1:{}", ports[1]))
+        .env("TOLLGATE_DATA_DIR", dir.path())
+        .env("TOLLGATE_WORKER_THREADS", "2")
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("data plane starts");
+    let process = Process(child);
+    let pid = process.0.id();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{}", ports[0]);
+    wait_until(Duration::from_secs(15), "data plane ready", || async {
+        client
+            .get(format!("http://127.0.0.1:{}/readyz", ports[1]))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let (_, baseline) = memory_kib(pid);
+
+    // Upload: generated 64 KiB at a time, never held whole by anyone.
+    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+    let chunks = (SIZE / chunk.len() as u64) as usize;
+    let body = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let response = client
+        .post(format!("{base}/upload"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 200);
+    let echoed: Value = response.json().await.expect("json");
+    assert_eq!(
+        echoed["body_bytes"].as_u64(),
+        Some(SIZE),
+        "every byte reached the upstream"
+    );
+
+    // Download: counted as it streams.
+    let response = client
+        .get(format!("{base}/download/{SIZE}"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    let mut received = 0u64;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        received += chunk.expect("chunk").len() as u64;
+    }
+    assert_eq!(received, SIZE);
+
+    let (peak, _) = memory_kib(pid);
+    eprintln!("data plane RSS: {baseline} KiB after start, peak {peak} KiB after 2 x 100 MiB");
+    assert!(
+        peak < baseline + 40 * 1024,
+        "memory stays flat: peak {peak} KiB vs {baseline} KiB at start"
+    );
+    drop(process);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
