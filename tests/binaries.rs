@@ -88,7 +88,7 @@ async fn quickstart_serves_the_demo_and_stops_on_sigterm() {
             .find_map(|l| {
                 l.trim()
                     .strip_prefix(label)
-                    .map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string())
+                    .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
             })
             .unwrap_or_else(|| panic!("no {label} line in {lines:#?}"))
     };
