@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# bench/run.sh - Tollgate proxy throughput/latency/CPU benchmark against nginx (loopback only).
+#
+# What it measures, in one run of ROUNDS rounds (the three targets alternate inside each round,
+# so slow drift of the machine hits all of them alike; medians are reported at the end):
+#
+#   direct    wrk -> upstream nginx                              127.0.0.1:18080
+#   nginx     wrk -> nginx reverse proxy -> upstream nginx       127.0.0.1:18081
+#   tollgate  wrk -> Tollgate data plane -> upstream nginx       127.0.0.1:18090
+#
+#   upstream  nginx, 1 worker, `return 200 "ok"`, keepalive_requests 1000000
+#   nginx     1 worker, keepalive_requests 1000000, upstream pool `keepalive 64`,
+#             proxy_http_version 1.1, Connection ""
+#   tollgate  `tollgate data-plane` with TOLLGATE_WORKER_THREADS=1, configured by a
+#             `tollgate control-plane` (embedded SQLite, admin 18091, cluster 18095,
+#             data-plane status 18092) with one upstream and one route `/`.
+#
+#   Every server (upstream, nginx proxy, Tollgate control plane and data plane) is pinned to
+#   CPU $SERVER_CPU with taskset; wrk (`wrk -t1 -c$CONNS -d${DUR}s --latency`) to $CLIENT_CPU.
+#
+# Per run it prints requests/s, p50 and p99 latency (ms), wrk errors / non-2xx responses, and
+# CPU-microseconds per request of the proxy (utime+stime of the proxy process and its children,
+# from /proc/<pid>/stat, * 1e6 / CLK_TCK / requests reported by wrk) and of the upstream.
+# The final table holds the medians and the ratios tollgate/nginx (rps and CPU-us/req).
+#
+# Usage:  bench/run.sh                      (as root on Debian: installs nginx and wrk if missing)
+# Knobs (environment variables):
+#   ROUNDS=3        rounds (each round runs every target once)
+#   DUR=10          seconds per wrk run
+#   CONNS=50        wrk connections
+#   WARMUP=2        seconds of unmeasured load per target before the first round (0 = none)
+#   SERVER_CPU=0    CPU the servers are pinned to
+#   CLIENT_CPU=1    CPU wrk is pinned to
+#   BENCH_DIR=...   results dir (default /tmp/tollgate-bench/results/<timestamp>): configs, logs,
+#                   raw wrk outputs, runs.txt (one line per run) and table.txt
+#   CARGO_TARGET_DIR  where the tollgate binary is looked for / built (default <repo>/target)
+#   TOLLGATE_BIN=...  use this binary instead (no build)
+#   SKIP_INSTALL=1  never call apt-get
+#
+# Not a test: CI does not run it. Ports used: 18080 18081 18090 18091 18092 18095 (all must be
+# free; the script refuses to start otherwise). Everything it starts is stopped by PID at exit.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DUR=${DUR:-10}
+CONNS=${CONNS:-50}
+WARMUP=${WARMUP:-2}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+BENCH_DIR=${BENCH_DIR:-/tmp/tollgate-bench/results/$(date +%Y%m%d-%H%M%S)}
+
+UPSTREAM_PORT=18080
+NGINX_PORT=18081
+TG_PROXY_PORT=18090
+TG_ADMIN_PORT=18091
+TG_STATUS_PORT=18092
+TG_CLUSTER_PORT=18095
+TARGETS=(direct nginx tollgate)
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '>> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------------ tools
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+  [[ -z "${SKIP_INSTALL:-}" ]] || die "nginx and wrk are needed (SKIP_INSTALL is set)"
+  log "installing nginx and wrk"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk
+fi
+for tool in nginx wrk taskset curl awk getconf od; do
+  command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+
+# ------------------------------------------------------------------------------------ tollgate binary
+if [[ -n "${TOLLGATE_BIN:-}" ]]; then
+  [[ -x "$TOLLGATE_BIN" ]] || die "TOLLGATE_BIN=$TOLLGATE_BIN is not executable"
+else
+  target_dir=${CARGO_TARGET_DIR:-target}
+  [[ "$target_dir" == /* ]] || target_dir=$REPO_ROOT/$target_dir
+  TOLLGATE_BIN=$target_dir/release/tollgate
+  if [[ ! -x "$TOLLGATE_BIN" ]]; then
+    log "building $TOLLGATE_BIN (cargo build --release)"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$target_dir cargo build --release)
+  fi
+  [[ -x "$TOLLGATE_BIN" ]] || die "no tollgate binary at $TOLLGATE_BIN after the build"
+fi
+
+# ------------------------------------------------------------------------------------ dirs, ports
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$UPSTREAM_PORT" "$NGINX_PORT" "$TG_PROXY_PORT" "$TG_ADMIN_PORT" "$TG_STATUS_PORT" \
+  "$TG_CLUSTER_PORT"; do
+  if port_busy "$port"; then die "127.0.0.1:$port is already in use (a previous run still alive?)"; fi
+done
+
+mkdir -p "$BENCH_DIR"
+BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+CONF=$BENCH_DIR/conf
+LOGS=$BENCH_DIR/logs
+RAW=$BENCH_DIR/raw
+mkdir -p "$CONF" "$LOGS" "$RAW"
+rm -f "$RAW"/*.txt "$BENCH_DIR/runs.txt" "$BENCH_DIR/table.txt"
+STATE=$(mktemp -d /tmp/tollgate-bench-state.XXXXXX) # nginx temp paths, Tollgate data dirs
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# ------------------------------------------------------------------------------------ start / stop
+STARTED=() # PIDs, in start order
+declare -A PID
+cleanup() {
+  local i p
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do kill -TERM "${STARTED[i]}" 2>/dev/null || true; done
+  for p in "${STARTED[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$STATE"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD... : runs CMD pinned to SERVER_CPU in the background, output to logs/NAME.log.
+# taskset and env exec their command, so $! is the server's own PID.
+start() {
+  local name=$1
+  shift
+  taskset -c "$SERVER_CPU" "$@" >"$LOGS/$name.log" 2>&1 &
+  PID[$name]=$!
+  STARTED+=("$!")
+}
+
+# wait_for DESC SECONDS CHECK-CMD... : polls CHECK-CMD every 0.2 s; fails early when a server
+# started here has exited.
+wait_for() {
+  local desc=$1 secs=$2 i name why=""
+  shift 2
+  for ((i = 0; i < secs * 5; i++)); do
+    if "$@"; then return 0; fi
+    for name in "${!PID[@]}"; do
+      kill -0 "${PID[$name]}" 2>/dev/null || why="$name exited"
+    done
+    [[ -z "$why" ]] || break
+    sleep 0.2
+  done
+  log "gave up waiting for $desc (${why:-timeout}); last lines of the logs:"
+  tail -n 20 "$LOGS"/*.log >&2 || true
+  exit 1
+}
+answers_ok() { [[ "$(curl -s -m 1 "$1" 2>/dev/null)" == ok ]]; }
+http_200() { [[ "$(curl -s -m 1 -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" == 200 ]]; }
+
+# ------------------------------------------------------------------------------------ nginx configs
+mkdir -p "$STATE/nginx-upstream" "$STATE/nginx-proxy"
+cat >"$CONF/upstream-nginx.conf" <<EOF
+# upstream: one worker answering a constant 2-byte body
+worker_processes 1;
+daemon off;
+pid $STATE/nginx-upstream/nginx.pid;
+error_log $LOGS/upstream-nginx.error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    default_type text/plain;
+    client_body_temp_path $STATE/nginx-upstream/body;
+    proxy_temp_path $STATE/nginx-upstream/proxy;
+    fastcgi_temp_path $STATE/nginx-upstream/fastcgi;
+    uwsgi_temp_path $STATE/nginx-upstream/uwsgi;
+    scgi_temp_path $STATE/nginx-upstream/scgi;
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT backlog=4096;
+        location / { return 200 "ok"; }
+    }
+}
+EOF
+cat >"$CONF/proxy-nginx.conf" <<EOF
+# nginx reverse proxy: one worker, keep-alive pool towards the upstream
+worker_processes 1;
+daemon off;
+pid $STATE/nginx-proxy/nginx.pid;
+error_log $LOGS/proxy-nginx.error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_temp_path $STATE/nginx-proxy/body;
+    proxy_temp_path $STATE/nginx-proxy/proxy;
+    fastcgi_temp_path $STATE/nginx-proxy/fastcgi;
+    uwsgi_temp_path $STATE/nginx-proxy/uwsgi;
+    scgi_temp_path $STATE/nginx-proxy/scgi;
+    upstream bench_upstream {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+for c in upstream-nginx proxy-nginx; do
+  nginx -q -t -p "$STATE" -c "$CONF/$c.conf" >"$LOGS/$c.configtest.log" 2>&1 ||
+    { cat "$LOGS/$c.configtest.log" >&2; die "nginx rejected $CONF/$c.conf"; }
+done
+
+# ------------------------------------------------------------------------------------ start servers
+log "results in $BENCH_DIR"
+start upstream nginx -p "$STATE" -c "$CONF/upstream-nginx.conf"
+start nginx nginx -p "$STATE" -c "$CONF/proxy-nginx.conf"
+wait_for "upstream nginx" 10 answers_ok "http://127.0.0.1:$UPSTREAM_PORT/"
+wait_for "nginx proxy" 10 answers_ok "http://127.0.0.1:$NGINX_PORT/"
+
+token() { printf 'bench-%s' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"; }
+ADMIN_TOKEN=$(token)
+CLUSTER_TOKEN=$(token)
+mkdir -p "$STATE/cp" "$STATE/dp"
+
+start control-plane env \
+  TOLLGATE_DATA_DIR="$STATE/cp" \
+  TOLLGATE_ADMIN_LISTEN="127.0.0.1:$TG_ADMIN_PORT" \
+  TOLLGATE_CLUSTER_LISTEN="127.0.0.1:$TG_CLUSTER_PORT" \
+  TOLLGATE_ADMIN_TOKEN="$ADMIN_TOKEN" \
+  TOLLGATE_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
+  TOLLGATE_LOG=warn \
+  "$TOLLGATE_BIN" control-plane
+admin_up() {
+  [[ "$(curl -s -m 1 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $ADMIN_TOKEN" \
+    "http://127.0.0.1:$TG_ADMIN_PORT/admin/v1/status" 2>/dev/null)" == 200 ]]
+}
+wait_for "tollgate control plane (admin API)" 30 admin_up
+
+admin_post() { # PATH JSON
+  local out code
+  out=$(curl -s -m 5 -w '\n%{http_code}' -X POST "http://127.0.0.1:$TG_ADMIN_PORT/admin/v1/$1" \
+    -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' -d "$2")
+  code=${out##*$'\n'}
+  printf 'POST /admin/v1/%s -> %s\n%s\n' "$1" "$code" "${out%$'\n'*}" >>"$LOGS/admin-api.log"
+  [[ "$code" == 2* ]] || die "POST /admin/v1/$1 answered $code: ${out%$'\n'*}"
+}
+admin_post upstreams "{\"name\":\"bench\",\"targets\":[{\"url\":\"http://127.0.0.1:$UPSTREAM_PORT\"}]}"
+admin_post routes '{"name":"bench","paths":["/"],"upstream":"bench"}'
+
+start tollgate env \
+  TOLLGATE_CONTROL_PLANE_URL="http://127.0.0.1:$TG_CLUSTER_PORT" \
+  TOLLGATE_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
+  TOLLGATE_PROXY_LISTEN="127.0.0.1:$TG_PROXY_PORT" \
+  TOLLGATE_STATUS_LISTEN="127.0.0.1:$TG_STATUS_PORT" \
+  TOLLGATE_DATA_DIR="$STATE/dp" \
+  TOLLGATE_WORKER_THREADS=1 \
+  TOLLGATE_LOG=warn \
+  "$TOLLGATE_BIN" data-plane
+wait_for "tollgate data plane /readyz" 60 http_200 "http://127.0.0.1:$TG_STATUS_PORT/readyz"
+wait_for "tollgate proxy answering ok" 30 answers_ok "http://127.0.0.1:$TG_PROXY_PORT/"
+
+declare -A URL=(
+  [direct]="http://127.0.0.1:$UPSTREAM_PORT/"
+  [nginx]="http://127.0.0.1:$NGINX_PORT/"
+  [tollgate]="http://127.0.0.1:$TG_PROXY_PORT/"
+)
+declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [tollgate]="${PID[tollgate]}")
+
+# ------------------------------------------------------------------------------------ measuring
+HZ=$(getconf CLK_TCK)
+
+# cpu_ticks PID: utime+stime of PID (all its threads) plus its direct children (nginx workers).
+# Fields are counted from the end of the comm field, which may contain spaces.
+cpu_ticks() {
+  local total=0 p stat rest f
+  # shellcheck disable=SC2046 # word splitting of the children lists is wanted
+  for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    rest=${stat##*) }
+    # rest starts at field 3 (state); utime and stime are fields 14 and 15
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
+
+# to_ms VALUE: wrk latency ("812.00us", "1.23ms", "1.01s") in milliseconds
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.3f", v * 60000 }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else printf "nan" }'
+}
+
+per_req_us() { # TICKS REQUESTS
+  awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else printf "nan" }'
+}
+
+run_wrk() { # TARGET SECONDS OUTFILE [--latency]
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"$2s" "${@:4}" "${URL[$1]}" >"$3" 2>&1 ||
+    { cat "$3" >&2; die "wrk failed against $1"; }
+}
+
+if ((WARMUP > 0)); then
+  log "warm-up: ${WARMUP}s per target"
+  for t in "${TARGETS[@]}"; do run_wrk "$t" "$WARMUP" "$RAW/warmup-$t.txt"; done
+fi
+
+log "host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+log "$(nginx -v 2>&1), $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}'), tollgate: $TOLLGATE_BIN"
+log "servers on CPU $SERVER_CPU, wrk -t1 -c$CONNS -d${DUR}s --latency on CPU $CLIENT_CPU, $ROUNDS rounds"
+
+RUNS=$BENCH_DIR/runs.txt
+echo "round target rps p50_ms p99_ms proxy_cpu_us_per_req upstream_cpu_us_per_req requests errors" >"$RUNS"
+printf '%-5s %-9s %10s %8s %8s %14s %14s  %s\n' round target rps p50_ms p99_ms proxy_us/req \
+  upstream_us/req errors
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in "${TARGETS[@]}"; do
+    out=$RAW/$t.round$r.txt
+    pp=${PROXY_PID[$t]}
+    p0=0
+    [[ -z "$pp" ]] || p0=$(cpu_ticks "$pp")
+    u0=$(cpu_ticks "${PID[upstream]}")
+    run_wrk "$t" "$DUR" "$out" --latency
+    p1=0
+    [[ -z "$pp" ]] || p1=$(cpu_ticks "$pp")
+    u1=$(cpu_ticks "${PID[upstream]}")
+
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+    nreq=$(awk '/ requests in / {print $1}' "$out")
+    errors=$(awk '/Socket errors|Non-2xx/ {sub(/^ +/, ""); s = s (s == "" ? "" : "; ") $0}
+      END {print (s == "" ? "none" : s)}' "$out")
+    pcpu=-
+    [[ -z "$pp" ]] || pcpu=$(per_req_us $((p1 - p0)) "$nreq")
+    ucpu=$(per_req_us $((u1 - u0)) "$nreq")
+    printf '%-5s %-9s %10s %8s %8s %14s %14s  %s\n' "$r" "$t" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$errors"
+    echo "$r $t $rps $p50 $p99 $pcpu $ucpu $nreq ${errors// /_}" >>"$RUNS"
+  done
+done
+
+# ------------------------------------------------------------------------------------ summary
+median_of() { # TARGET COLUMN (of runs.txt)
+  awk -v t="$1" -v c="$2" 'NR > 1 && $2 == t && $c != "-" && $c != "nan" {print $c}' "$RUNS" |
+    sort -g | awk '{v[NR] = $1} END {
+      if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+declare -A MED_RPS MED_CPU
+{
+  echo
+  echo "medians of $ROUNDS x ${DUR}s runs (wrk -t1 -c$CONNS; servers on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU)"
+  printf '%-9s %10s %8s %8s %14s %16s\n' target rps p50_ms p99_ms proxy_us/req upstream_us/req
+  for t in "${TARGETS[@]}"; do
+    MED_RPS[$t]=$(median_of "$t" 3)
+    MED_CPU[$t]=$(median_of "$t" 6)
+    printf '%-9s %10.0f %8.3f %8.3f %14s %16s\n' "$t" "${MED_RPS[$t]}" "$(median_of "$t" 4)" \
+      "$(median_of "$t" 5)" "${MED_CPU[$t]}" "$(median_of "$t" 7)"
+  done
+  echo "tollgate/nginx rps:           $(ratio "${MED_RPS[tollgate]}" "${MED_RPS[nginx]}")"
+  echo "tollgate/nginx CPU-us/req:    $(ratio "${MED_CPU[tollgate]}" "${MED_CPU[nginx]}")"
+  echo "(CPU-us/req = utime+stime of the proxy process tree / of the upstream nginx, per request)"
+} | tee "$BENCH_DIR/table.txt"
+
+if awk 'NR > 1 && $9 != "none" {found = 1} END {exit !found}' "$RUNS"; then
+  log "WARNING: some runs had socket errors or non-2xx responses (see $RUNS)"
+fi
+log "raw outputs in $BENCH_DIR"
