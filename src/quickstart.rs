@@ -111,6 +111,9 @@ pub async fn run(
         trusted_proxies: Vec::new(),
         heartbeat_seconds: 5,
         max_header_bytes: 32 * 1024,
+        redis_url: None,
+        redis_prefix: "tollgate".into(),
+        redis_timeout_ms: 10,
     })
     .await
     .context("starting the data plane")?;

@@ -21,6 +21,7 @@ pub struct DataPlane {
     shared: Arc<Shared>,
     sync: SyncClient,
     max_header_bytes: usize,
+    redis: Option<(tollgate_shared::Secret, Duration)>,
 }
 
 impl DataPlane {
@@ -34,7 +35,16 @@ impl DataPlane {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
         let node_id = crate::persist::node_id(&settings.data_dir, settings.node_id.as_deref())?;
-        let shared = Arc::new(Shared::new(settings.trusted_proxies.clone()));
+        let limiter = crate::limiter::Limiter::new(
+            settings.redis_prefix.clone(),
+            settings.redis_url.is_some(),
+        );
+        if settings.redis_url.is_none() {
+            tracing::info!(
+                "no TOLLGATE_REDIS_URL: rate limits and quotas are counted in this node's memory (single node)"
+            );
+        }
+        let shared = Arc::new(Shared::new(settings.trusted_proxies.clone(), limiter));
         match crate::persist::load_snapshot(&settings.data_dir) {
             Ok(Some(snapshot)) => match crate::sync::apply(&shared, snapshot, None).await {
                 Ok((revision, _)) => tracing::info!(
@@ -73,7 +83,16 @@ impl DataPlane {
             },
             shared,
             max_header_bytes: settings.max_header_bytes,
+            redis: settings
+                .redis_url
+                .clone()
+                .map(|url| (url, Duration::from_millis(settings.redis_timeout_ms))),
         })
+    }
+
+    /// The clock limits are computed with (tests move it across quota periods).
+    pub fn clock(&self) -> Arc<crate::state::Clock> {
+        self.shared.clock.clone()
     }
 
     /// Address of the proxy listener.
@@ -104,6 +123,29 @@ impl DataPlane {
         });
         tracing::info!(proxy = %self.proxy_addr(), status = %self.status_addr(), node_id = %self.sync.node_id, "data plane serving");
         let sync = tokio::spawn(self.sync.run(cancel.clone()));
+        if let Some((url, timeout)) = self.redis.clone() {
+            let (shared, cancel) = (self.shared.clone(), cancel.clone());
+            tokio::spawn(
+                async move { shared.limiter.connect(url.expose(), timeout, &cancel).await },
+            );
+        }
+        let sweeper = {
+            let (shared, cancel) = (self.shared.clone(), cancel.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                    let longest = shared
+                        .config
+                        .load()
+                        .as_ref()
+                        .map_or(0, |c| c.longest_window_ms);
+                    shared.limiter.memory.sweep(shared.clock.now_ms(), longest);
+                }
+            })
+        };
         tokio::join!(
             crate::server::serve_proxy(
                 self.proxy,
@@ -115,6 +157,7 @@ impl DataPlane {
         );
         cancel.cancel();
         let _ = sync.await;
+        let _ = sweeper.await;
         tracing::info!("data plane stopped");
         Ok(())
     }

@@ -24,13 +24,46 @@ pub struct ConsumerRt {
     pub username_header: HeaderValue,
     /// Tags.
     pub tags: Vec<String>,
-    /// Plan name.
-    pub plan: Option<String>,
+    /// The consumer's plan, compiled.
+    pub plan: Option<Arc<PlanRt>>,
+}
+
+/// A plan's limits, compiled.
+#[derive(Debug)]
+pub struct PlanRt {
+    /// Requests per sliding window (limit, window ms).
+    pub rate_limit: Option<(u64, i64)>,
+    /// Requests per calendar period.
+    pub quota: Option<(u64, tollgate_shared::QuotaPeriod)>,
+    /// Behaviour when Redis is unavailable.
+    pub failure_policy: tollgate_shared::FailurePolicy,
+}
+
+impl PlanRt {
+    /// Compiles a plan.
+    pub fn compile(plan: &tollgate_shared::Plan) -> Self {
+        Self {
+            rate_limit: plan.rate_limit.as_ref().map(|r| {
+                (
+                    u64::try_from(r.requests).unwrap_or(0),
+                    r.window_seconds.saturating_mul(1000),
+                )
+            }),
+            quota: plan
+                .quota
+                .as_ref()
+                .map(|q| (u64::try_from(q.requests).unwrap_or(0), q.period)),
+            failure_policy: plan.failure_policy,
+        }
+    }
 }
 
 impl ConsumerRt {
-    /// Pre-builds the consumer's headers.
-    pub fn compile(consumer: &Stored<Consumer>) -> Result<Self, String> {
+    /// Pre-builds the consumer's headers and attaches its plan.
+    pub fn compile(
+        consumer: &Stored<Consumer>,
+        plans: &HashMap<String, Arc<PlanRt>>,
+    ) -> Result<Self, String> {
         let header = |v: &str| {
             HeaderValue::from_str(v)
                 .map_err(|e| format!("consumer '{}': {e}", consumer.spec.username))
@@ -41,7 +74,11 @@ impl ConsumerRt {
             id_header: header(&consumer.id)?,
             username_header: header(&consumer.spec.username)?,
             tags: consumer.spec.tags.clone(),
-            plan: consumer.spec.plan.clone(),
+            plan: consumer
+                .spec
+                .plan
+                .as_ref()
+                .and_then(|name| plans.get(name).cloned()),
         })
     }
 }

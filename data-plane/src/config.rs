@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tollgate_shared::{HeaderTransform, Snapshot, Stored, Upstream};
 
-use crate::auth::{ConsumerRt, KeyIndex, RouteAuth};
+use crate::auth::{ConsumerRt, KeyIndex, PlanRt, RouteAuth};
 use crate::jwt::IssuerKeys;
 use crate::router::RouteTable;
 
@@ -242,6 +242,15 @@ pub struct CompiledRoute {
     pub auth: Option<RouteAuth>,
     /// Largest body accepted.
     pub max_body_bytes: Option<u64>,
+    /// The route's own rate limit: (limit, window ms, what it counts by, failure policy).
+    pub rate_limit: Option<(
+        u64,
+        i64,
+        tollgate_shared::RateLimitBy,
+        tollgate_shared::FailurePolicy,
+    )>,
+    /// Route id, for limiter keys.
+    pub id: String,
     /// Request header edits.
     pub request_edits: HeaderEdits,
     /// Response header edits.
@@ -262,6 +271,8 @@ pub struct Compiled {
     pub keys: KeyIndex,
     /// Consumers by id.
     pub consumers: HashMap<String, Arc<ConsumerRt>>,
+    /// Longest rate-limit window (for sweeping in-memory counters).
+    pub longest_window_ms: i64,
     /// The snapshot itself, kept for persistence.
     pub snapshot: Arc<Snapshot>,
 }
@@ -299,10 +310,22 @@ pub fn compile(
                 .map_err(|e| format!("JWT issuer '{}': {e}", issuer.spec.name))
         })
         .collect::<Result<HashMap<_, _>, _>>()?;
+    let plans: HashMap<String, Arc<PlanRt>> = snapshot
+        .plans
+        .iter()
+        .map(|plan| {
+            (
+                plan.spec.name.clone(),
+                Arc::new(PlanRt::compile(&plan.spec)),
+            )
+        })
+        .collect();
     let consumers: HashMap<String, Arc<ConsumerRt>> = snapshot
         .consumers
         .iter()
-        .map(|consumer| ConsumerRt::compile(consumer).map(|c| (consumer.id.clone(), Arc::new(c))))
+        .map(|consumer| {
+            ConsumerRt::compile(consumer, &plans).map(|c| (consumer.id.clone(), Arc::new(c)))
+        })
         .collect::<Result<_, _>>()?;
     let by_username: Arc<HashMap<String, Arc<ConsumerRt>>> = Arc::new(
         consumers
@@ -315,7 +338,18 @@ pub fn compile(
     for route in &snapshot.routes {
         routes.push(compile_route(route, &upstreams, &issuers, &by_username)?);
     }
+    let longest_window_ms = routes
+        .iter()
+        .filter_map(|r| r.rate_limit.map(|(_, window, _, _)| window))
+        .chain(
+            plans
+                .values()
+                .filter_map(|p| p.rate_limit.map(|(_, window)| window)),
+        )
+        .max()
+        .unwrap_or(0);
     Ok(Compiled {
+        longest_window_ms,
         revision: snapshot.revision,
         hash,
         router: RouteTable::build(&snapshot.routes),
@@ -351,6 +385,15 @@ fn compile_route(
         preserve_host: spec.preserve_host,
         auth,
         max_body_bytes: spec.max_body_bytes.and_then(|m| u64::try_from(m).ok()),
+        rate_limit: spec.rate_limit.as_ref().map(|r| {
+            (
+                u64::try_from(r.requests).unwrap_or(0),
+                r.window_seconds.saturating_mul(1000),
+                r.by,
+                r.failure_policy,
+            )
+        }),
+        id: route.id.clone(),
         request_edits: HeaderEdits::compile(&spec.transforms.request).map_err(context)?,
         response_edits: HeaderEdits::compile(&spec.transforms.response).map_err(context)?,
     })

@@ -27,6 +27,15 @@ pub enum ProxyError {
     /// A known consumer the route does not allow.
     #[error("consumer is not allowed on this route")]
     Forbidden,
+    /// Over a rate limit or quota.
+    #[error("{}", if usage.is_quota { "quota exceeded" } else { "rate limit exceeded" })]
+    Limited {
+        /// The limit that refused the request.
+        usage: crate::limiter::Usage,
+    },
+    /// Redis is unavailable and a limit of this request fails closed.
+    #[error("the rate limiter is unavailable")]
+    LimiterUnavailable,
     /// The upstream could not be reached.
     #[error("upstream unreachable")]
     Unreachable,
@@ -45,6 +54,11 @@ impl ProxyError {
             Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Limited { usage } if usage.is_quota => {
+                (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
+            }
+            Self::Limited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::LimiterUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "limiter_unavailable"),
             Self::Unreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }
@@ -63,8 +77,15 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
-        if matches!(self, Self::NoConfig) {
+        if matches!(self, Self::NoConfig | Self::LimiterUnavailable) {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Self::Limited { usage } = &self {
+            crate::proxy::rate_limit_headers(headers, usage);
+            headers.insert(
+                RETRY_AFTER,
+                HeaderValue::from(crate::proxy::ceil_seconds(usage.reset_ms)),
+            );
         }
         if matches!(self, Self::Unauthorized(_)) {
             headers.insert(

@@ -10,6 +10,7 @@
 //! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
 //! - [`proxy`]: the request pipeline, phase by phase.
 //! - [`auth`], [`jwt`]: API-key and JWT authentication.
+//! - [`limiter`]: rate limits and quotas (Redis script or memory) and failure policies.
 //! - [`error`]: the one mapping from proxy errors to JSON answers.
 //! - [`persist`]: the last good snapshot and the node id on disk.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod framing;
 pub mod jwt;
+pub mod limiter;
 pub mod persist;
 pub mod proxy;
 pub mod router;

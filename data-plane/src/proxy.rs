@@ -21,8 +21,12 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::config::{Compiled, UpstreamBody};
+use tollgate_shared::{RateLimitBy, limits};
+
+use crate::auth::ConsumerRt;
+use crate::config::{Compiled, CompiledRoute, UpstreamBody};
 use crate::error::ProxyError;
+use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
 use crate::state::Shared;
 
@@ -33,6 +37,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// Headers meaningful only for one hop (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -113,9 +120,39 @@ async fn proxy(
     }
 
     // Authenticate.
+    let now_ms = shared.clock.now_ms();
     let identity = match &route.auth {
-        Some(auth) => Some(auth.authenticate(&parts.headers, &config.keys, unix_seconds())?),
+        Some(auth) => {
+            Some(auth.authenticate(&parts.headers, &config.keys, now_ms.div_euclid(1000))?)
+        }
         None => None,
+    };
+
+    // Rate limits and quotas: one round trip for all of them.
+    let consumer = identity.as_ref().and_then(|i| i.consumer.as_deref());
+    let checks = limit_checks(
+        shared,
+        route,
+        consumer,
+        || client_ip(shared, peer.ip(), &parts.headers),
+        now_ms,
+    );
+    let usage = if checks.is_empty() {
+        None
+    } else {
+        match shared
+            .limiter
+            .decide(&checks, now_ms, request_id.to_str().unwrap_or_default())
+            .await
+        {
+            Decision::Admitted(usages) => closest_to_limit(&usages),
+            Decision::Limited(usages, index) => {
+                return Err(ProxyError::Limited {
+                    usage: usages[index.min(usages.len() - 1)],
+                });
+            }
+            Decision::Unavailable => return Err(ProxyError::LimiterUnavailable),
+        }
     };
 
     // Build the upstream request's headers.
@@ -211,6 +248,9 @@ async fn proxy(
                     route.response_edits.apply(&mut parts.headers);
                 }
                 parts.headers.insert(X_REQUEST_ID, request_id.clone());
+                if let Some(usage) = &usage {
+                    rate_limit_headers(&mut parts.headers, usage);
+                }
                 return Ok(Response::from_parts(parts, Either::Left(body)));
             }
         }
@@ -315,10 +355,104 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-fn unix_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+/// The limits a request is checked against: the route's own, then its consumer's plan.
+fn limit_checks(
+    shared: &Shared,
+    route: &CompiledRoute,
+    consumer: Option<&ConsumerRt>,
+    client_ip: impl FnOnce() -> IpAddr,
+    now_ms: i64,
+) -> Vec<Check> {
+    let prefix = shared.limiter.prefix.as_str();
+    let mut checks = Vec::new();
+    if let Some((limit, window, by, policy)) = route.rate_limit {
+        let scope = match by {
+            RateLimitBy::Route => String::new(),
+            RateLimitBy::Ip => format!("ip:{}", client_ip()),
+            RateLimitBy::Consumer => {
+                format!("c:{}", consumer.map_or("anonymous", |c| c.id.as_str()))
+            }
+        };
+        checks.push(Check {
+            key: limits::route_key(prefix, &route.id, &scope),
+            limit,
+            span: Span::Window(window),
+            policy,
+            is_quota: false,
+        });
+    }
+    if let Some(consumer) = consumer
+        && let Some(plan) = &consumer.plan
+    {
+        if let Some((limit, window)) = plan.rate_limit {
+            checks.push(Check {
+                key: limits::plan_key(prefix, &consumer.id),
+                limit,
+                span: Span::Window(window),
+                policy: plan.failure_policy,
+                is_quota: false,
+            });
+        }
+        if let Some((limit, period)) = plan.quota {
+            let (_, stamp) = limits::period_end(period, now_ms);
+            checks.push(Check {
+                key: limits::quota_key(prefix, &consumer.id, &stamp),
+                limit,
+                span: Span::Quota(period),
+                policy: plan.failure_policy,
+                is_quota: true,
+            });
+        }
+    }
+    checks
+}
+
+/// The client's address: the peer, or behind trusted proxies the nearest untrusted address in
+/// `X-Forwarded-For`.
+fn client_ip(shared: &Shared, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if !shared.is_trusted(peer) {
+        return peer;
+    }
+    let chain = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !shared.is_trusted(**ip))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+/// The limit with the fewest requests left: the one the `RateLimit-*` headers describe.
+fn closest_to_limit(usages: &[Usage]) -> Option<Usage> {
+    usages
+        .iter()
+        .min_by_key(|u| u.limit.saturating_sub(u.count))
+        .copied()
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds) for `usage`.
+pub fn rate_limit_headers(headers: &mut HeaderMap, usage: &Usage) {
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(usage.limit));
+    headers.insert(
+        RATELIMIT_REMAINING,
+        HeaderValue::from(usage.limit.saturating_sub(usage.count)),
+    );
+    headers.insert(
+        RATELIMIT_RESET,
+        HeaderValue::from(ceil_seconds(usage.reset_ms)),
+    );
+}
+
+/// Milliseconds rounded up to whole seconds, at least 1.
+pub fn ceil_seconds(ms: i64) -> i64 {
+    ((ms.max(1) + 999) / 1000).max(1)
 }
 
 #[cfg(test)]

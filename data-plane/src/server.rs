@@ -116,7 +116,7 @@ fn status(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>>
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            shared.metrics.render(ready),
+            shared.metrics.render(ready, &shared.limiter),
         ),
         _ => (
             StatusCode::NOT_FOUND,

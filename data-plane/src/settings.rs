@@ -41,6 +41,16 @@ pub struct Settings {
     /// Seconds between heartbeats to the control plane.
     #[arg(long, env = "TOLLGATE_HEARTBEAT_SECONDS", default_value_t = 5)]
     pub heartbeat_seconds: u64,
+    /// Shared Redis for rate limits and quotas (`redis://host:6379/0`). Without it each node
+    /// limits in its own memory (single-node semantics).
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+    /// Prefix (and Redis Cluster hash tag) of every limiter key.
+    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate")]
+    pub redis_prefix: String,
+    /// Longest wait for Redis before a limit falls back to its failure policy.
+    #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value_t = 10)]
+    pub redis_timeout_ms: u64,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, env = "TOLLGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
@@ -62,6 +72,12 @@ impl Settings {
         }
         if self.heartbeat_seconds == 0 {
             anyhow::bail!("TOLLGATE_HEARTBEAT_SECONDS must be at least 1");
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
+            anyhow::bail!("TOLLGATE_REDIS_PREFIX must be non-empty and free of braces");
+        }
+        if self.redis_timeout_ms == 0 {
+            anyhow::bail!("TOLLGATE_REDIS_TIMEOUT_MS must be at least 1");
         }
         if self.max_header_bytes < 8192 {
             anyhow::bail!("TOLLGATE_MAX_HEADER_BYTES must be at least 8192");

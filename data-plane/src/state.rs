@@ -3,11 +3,12 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 
 use crate::config::{ClientCache, Compiled};
+use crate::limiter::Limiter;
 use crate::settings::Cidr;
 
 /// Shared state of one data plane.
@@ -20,16 +21,43 @@ pub struct Shared {
     pub clients: ClientCache,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// Rate limits and quotas.
+    pub limiter: Limiter,
+    /// The clock limits and key expiry are read from.
+    pub clock: Arc<Clock>,
+}
+
+/// Wall-clock time in Unix milliseconds, with an offset tests can move forward.
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_ms: AtomicI64,
+}
+
+impl Clock {
+    /// Now, Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        now + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Moves this clock forward (tests crossing a quota period).
+    pub fn advance(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
     /// Fresh state with no config.
-    pub fn new(trusted_proxies: Vec<Cidr>) -> Self {
+    pub fn new(trusted_proxies: Vec<Cidr>, limiter: Limiter) -> Self {
         Self {
             config: ArcSwapOption::empty(),
             trusted_proxies,
             clients: ClientCache::default(),
             metrics: Metrics::default(),
+            limiter,
+            clock: Arc::new(Clock::default()),
         }
     }
 
@@ -72,7 +100,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, ready: bool) -> String {
+    pub fn render(&self, ready: bool, limiter: &Limiter) -> String {
         let mut out = String::with_capacity(1024);
         out.push_str("# HELP tollgate_responses_total Responses sent, by status class.\n# TYPE tollgate_responses_total counter\n");
         for (i, counter) in self.responses.iter().enumerate() {
@@ -107,6 +135,16 @@ impl Metrics {
                 "tollgate_ready",
                 "1 once a config is loaded.",
                 u64::from(ready),
+            ),
+            (
+                "tollgate_limiter_degraded_total",
+                "Requests whose limits were decided by a failure policy (Redis unavailable).",
+                limiter.degraded.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_live_data_planes",
+                "Live data planes, as the control plane last reported.",
+                limiter.live_nodes.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in gauges {

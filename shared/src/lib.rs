@@ -8,7 +8,9 @@
 //! - [`snapshot`]: everything a data plane needs, with its revision and content hash.
 //! - [`sync`]: the messages control and data planes exchange.
 //! - [`secret`]: a string whose `Debug` never shows it.
+//! - [`limits`]: limiter key names and UTC calendar periods.
 
+pub mod limits;
 pub mod model;
 pub mod secret;
 pub mod snapshot;

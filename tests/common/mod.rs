@@ -507,6 +507,8 @@ pub fn download_body(
 /// A data plane running in this process.
 pub struct TestDp {
     pub proxy: std::net::SocketAddr,
+    /// The node's clock, for tests that cross a quota period.
+    pub clock: std::sync::Arc<tollgate_data_plane::state::Clock>,
     pub status: std::net::SocketAddr,
     pub node_id: String,
     pub dir: std::path::PathBuf,
@@ -521,6 +523,17 @@ impl TestDp {
         dir: &std::path::Path,
         node_id: &str,
     ) -> Self {
+        Self::start_with(cluster, dir, node_id, None, "tollgate").await
+    }
+
+    /// Like [`TestDp::start`], limiting through Redis at `redis_url` under `redis_prefix`.
+    pub async fn start_with(
+        cluster: std::net::SocketAddr,
+        dir: &std::path::Path,
+        node_id: &str,
+        redis_url: Option<&str>,
+        redis_prefix: &str,
+    ) -> Self {
         let settings = tollgate_data_plane::Settings {
             control_plane_url: format!("http://{cluster}"),
             cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
@@ -532,11 +545,15 @@ impl TestDp {
             trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
             heartbeat_seconds: 1,
             max_header_bytes: 16 * 1024,
+            redis_url: redis_url.map(Secret::new),
+            redis_prefix: redis_prefix.to_string(),
+            redis_timeout_ms: 10,
         };
         let dp = tollgate_data_plane::DataPlane::build(&settings)
             .await
             .expect("data plane starts");
         let (proxy, status) = (dp.proxy_addr(), dp.status_addr());
+        let clock = dp.clock();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(dp.run_until_stopped(async move {
             let _ = rx.await;
@@ -544,6 +561,7 @@ impl TestDp {
         Self {
             proxy,
             status,
+            clock,
             node_id: node_id.to_string(),
             dir: dir.to_path_buf(),
             stop: Some(tx),

@@ -1,0 +1,423 @@
+//! Rate limits and quotas: every limit of a request checked, and consumed only if all admit it,
+//! in **one** round trip — a Lua script on shared Redis, or the same semantics in memory.
+//!
+//! - **Rate limits** use an exact sliding window: a request is admitted while fewer than `limit`
+//!   requests were admitted in the last `window` (a sorted set of admission times per key), so
+//!   no window of that length ever holds more than `limit`. Fixed windows admit up to twice the
+//!   limit across a boundary; GCRA admits a burst of `limit` and then the steady rate, so over
+//!   one window of sustained load up to about twice the limit. The price is memory
+//!   proportional to the limit per key, fine for per-second and per-minute limits; long
+//!   periods are quotas.
+//! - **Quotas** are calendar counters (UTC day or month) that expire at the period's end.
+//! - **A refused request consumes nothing.**
+//! - Keys share one hash tag (`{prefix}`), so the script's keys sit in one Redis Cluster slot.
+//! - **When Redis fails** (error, timeout, or the circuit breaker is open) each limit follows its
+//!   policy: `fail_open` admits, `fail_closed` refuses with 503 `limiter_unavailable`, `local`
+//!   enforces `limit ÷ live data planes` in this node's memory. The timeout is short and the
+//!   breaker skips Redis for a second after consecutive failures, so a down Redis costs a few
+//!   milliseconds at most, and recovery needs no restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tollgate_shared::limits::period_end;
+use tollgate_shared::{FailurePolicy, QuotaPeriod};
+
+/// What one limit counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Sliding window of this many milliseconds.
+    Window(i64),
+    /// Calendar period.
+    Quota(QuotaPeriod),
+}
+
+/// One limit a request is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Full key (prefix and hash tag included).
+    pub key: String,
+    /// Requests allowed per window or period.
+    pub limit: u64,
+    /// Window or period.
+    pub span: Span,
+    /// Behaviour when the shared store is unreachable.
+    pub policy: FailurePolicy,
+    /// True for quotas (the 429 code differs).
+    pub is_quota: bool,
+}
+
+/// The state of one limit after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// The limit.
+    pub limit: u64,
+    /// Requests counted, this one included when admitted.
+    pub count: u64,
+    /// Milliseconds until a slot frees (window) or the period ends (quota).
+    pub reset_ms: i64,
+    /// Whether this is a quota.
+    pub is_quota: bool,
+}
+
+/// The outcome of checking a request's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Admitted; the usage of each limit.
+    Admitted(Vec<Usage>),
+    /// Refused by the limit at this index.
+    Limited(Vec<Usage>, usize),
+    /// The shared store failed and a `fail_closed` limit applies.
+    Unavailable,
+}
+
+/// In-memory limiter with the same semantics, for single-node use and the `local` policy.
+#[derive(Default)]
+pub struct MemoryLimiter {
+    shards: [Mutex<HashMap<String, Counter>>; 16],
+}
+
+enum Counter {
+    Window(VecDeque<i64>),
+    Quota { count: u64, ends: i64 },
+}
+
+impl MemoryLimiter {
+    /// Checks all limits (each scaled by `divisor`) and consumes them only if all admit.
+    pub fn decide(&self, checks: &[Check], now_ms: i64, divisor: u64) -> Decision {
+        let divisor = divisor.max(1);
+        let mut usages = Vec::with_capacity(checks.len());
+        let mut refused = None;
+        for (i, check) in checks.iter().enumerate() {
+            let limit = (check.limit / divisor).max(1);
+            let mut shard = self.shard(&check.key);
+            let (count, reset_ms) = match (check.span, shard.get_mut(&check.key)) {
+                (Span::Window(window), Some(Counter::Window(times))) => {
+                    while times.front().is_some_and(|t| *t <= now_ms - window) {
+                        times.pop_front();
+                    }
+                    let reset = times.front().map_or(window, |t| t + window - now_ms);
+                    (times.len() as u64, reset)
+                }
+                (Span::Quota(period), Some(Counter::Quota { count, ends })) if *ends > now_ms => {
+                    let _ = period;
+                    (*count, *ends - now_ms)
+                }
+                (Span::Window(window), _) => (0, window),
+                (Span::Quota(period), _) => (0, period_end(period, now_ms).0 - now_ms),
+            };
+            drop(shard);
+            if count >= limit && refused.is_none() {
+                refused = Some(i);
+            }
+            usages.push(Usage {
+                limit,
+                count,
+                reset_ms,
+                is_quota: check.is_quota,
+            });
+        }
+        if let Some(index) = refused {
+            return Decision::Limited(usages, index);
+        }
+        for (check, usage) in checks.iter().zip(usages.iter_mut()) {
+            let mut shard = self.shard(&check.key);
+            match check.span {
+                Span::Window(_) => {
+                    let entry = shard
+                        .entry(check.key.clone())
+                        .or_insert_with(|| Counter::Window(VecDeque::new()));
+                    if let Counter::Window(times) = entry {
+                        times.push_back(now_ms);
+                    }
+                }
+                Span::Quota(period) => {
+                    let ends = period_end(period, now_ms).0;
+                    let entry = shard
+                        .entry(check.key.clone())
+                        .or_insert(Counter::Quota { count: 0, ends });
+                    match entry {
+                        Counter::Quota {
+                            count,
+                            ends: current,
+                        } if *current > now_ms => *count += 1,
+                        other => *other = Counter::Quota { count: 1, ends },
+                    }
+                }
+            }
+            usage.count += 1;
+        }
+        Decision::Admitted(usages)
+    }
+
+    /// Drops counters with nothing left to count (called now and then, off the request path).
+    pub fn sweep(&self, now_ms: i64, longest_window_ms: i64) {
+        for shard in &self.shards {
+            let mut shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shard.retain(|_, counter| match counter {
+                Counter::Window(times) => times
+                    .back()
+                    .is_some_and(|t| *t > now_ms - longest_window_ms),
+                Counter::Quota { ends, .. } => *ends > now_ms,
+            });
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Counter>> {
+        let hash = key
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        self.shards[(hash as usize) % self.shards.len()]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The Redis-backed limiter: one `EVALSHA` per request on a multiplexed connection, a short
+/// timeout and a circuit breaker.
+pub struct RedisLimiter {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    timeout: Duration,
+    failures: AtomicU32,
+    open_until_ms: AtomicI64,
+}
+
+/// Consecutive failures that open the breaker.
+const BREAKER_THRESHOLD: u32 = 3;
+/// How long an open breaker skips Redis before letting one request probe it.
+const BREAKER_OPEN_MS: i64 = 1_000;
+
+impl RedisLimiter {
+    /// Connects (lazily reconnecting afterwards) to `url`.
+    pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            connection,
+            script: redis::Script::new(include_str!("limiter.lua")),
+            timeout,
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicI64::new(0),
+        })
+    }
+
+    /// Runs the script; `None` when Redis is unavailable (error, timeout, breaker open).
+    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: &str) -> Option<Decision> {
+        if self.open_until_ms.load(Ordering::Relaxed) > now_ms {
+            return None;
+        }
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(now_ms).arg(member);
+        for check in checks {
+            invocation.key(&check.key);
+            match check.span {
+                Span::Window(window) => invocation.arg(1).arg(check.limit).arg(window),
+                Span::Quota(period) => invocation
+                    .arg(2)
+                    .arg(check.limit)
+                    .arg(period_end(period, now_ms).0),
+            };
+        }
+        let mut connection = self.connection.clone();
+        let result: Result<Vec<i64>, String> = match tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async(&mut connection),
+        )
+        .await
+        {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        };
+        match result {
+            Ok(values) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Some(decode(checks, &values))
+            }
+            Err(error) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= BREAKER_THRESHOLD {
+                    self.open_until_ms
+                        .store(now_ms + BREAKER_OPEN_MS, Ordering::Relaxed);
+                }
+                tracing::warn!(%error, failures, "rate-limit store unavailable");
+                None
+            }
+        }
+    }
+}
+
+fn decode(checks: &[Check], values: &[i64]) -> Decision {
+    let admitted = values.first().copied() == Some(1);
+    let usages: Vec<Usage> = checks
+        .iter()
+        .enumerate()
+        .map(|(i, check)| Usage {
+            limit: check.limit,
+            count: values
+                .get(1 + 2 * i)
+                .copied()
+                .and_then(|c| u64::try_from(c).ok())
+                .unwrap_or(0),
+            reset_ms: values.get(2 + 2 * i).copied().unwrap_or(0),
+            is_quota: check.is_quota,
+        })
+        .collect();
+    if admitted {
+        return Decision::Admitted(usages);
+    }
+    let index = usages.iter().position(|u| u.count >= u.limit).unwrap_or(0);
+    Decision::Limited(usages, index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(key: &str, limit: u64, span: Span) -> Check {
+        Check {
+            key: key.into(),
+            limit,
+            span,
+            policy: FailurePolicy::FailOpen,
+            is_quota: matches!(span, Span::Quota(_)),
+        }
+    }
+
+    #[test]
+    fn memory_window_is_exact_and_refusals_consume_nothing() {
+        let limiter = MemoryLimiter::default();
+        let checks = [
+            check("w", 3, Span::Window(1000)),
+            check("q", 5, Span::Quota(QuotaPeriod::Day)),
+        ];
+        let admitted = (0..10)
+            .filter(|i| {
+                matches!(
+                    limiter.decide(&checks, 10_000 + i, 1),
+                    Decision::Admitted(_)
+                )
+            })
+            .count();
+        assert_eq!(admitted, 3);
+        // The window slides: one second after the first admission, one slot frees.
+        assert!(matches!(
+            limiter.decide(&checks, 11_000, 1),
+            Decision::Admitted(_)
+        ));
+        assert!(matches!(
+            limiter.decide(&checks, 11_001, 1),
+            Decision::Admitted(_)
+        ));
+        // The quota (5) counted only admitted requests: 5 now, so the next is refused by it.
+        match limiter.decide(&checks, 13_000, 1) {
+            Decision::Limited(usages, index) => {
+                assert_eq!(index, 1);
+                assert_eq!(usages[1].count, 5);
+            }
+            other => panic!("expected the quota to refuse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn memory_local_share_divides_the_limit() {
+        let limiter = MemoryLimiter::default();
+        let checks = [check("w", 10, Span::Window(1000))];
+        let admitted = (0..20)
+            .filter(|i| matches!(limiter.decide(&checks, 5_000 + i, 2), Decision::Admitted(_)))
+            .count();
+        assert_eq!(admitted, 5);
+    }
+}
+
+/// The node's limiter: Redis when configured (with failure policies), memory otherwise.
+pub struct Limiter {
+    /// Prefix and hash tag of every key.
+    pub prefix: String,
+    /// Whether a Redis URL was configured (then memory is only the `local` fallback).
+    pub redis_configured: bool,
+    /// The Redis limiter, once connected.
+    pub redis: arc_swap::ArcSwapOption<RedisLimiter>,
+    /// In-memory counters.
+    pub memory: MemoryLimiter,
+    /// Live data planes, as the control plane last reported (for `local`).
+    pub live_nodes: AtomicU64,
+    /// Requests decided by a failure policy.
+    pub degraded: AtomicU64,
+}
+
+impl Limiter {
+    /// A limiter; Redis is attached later by [`Limiter::connect`].
+    pub fn new(prefix: String, redis_configured: bool) -> Self {
+        Self {
+            prefix,
+            redis_configured,
+            redis: arc_swap::ArcSwapOption::empty(),
+            memory: MemoryLimiter::default(),
+            live_nodes: AtomicU64::new(1),
+            degraded: AtomicU64::new(0),
+        }
+    }
+
+    /// Connects to Redis, retrying every second until it answers (limits follow their failure
+    /// policies meanwhile) or `cancel` fires.
+    pub async fn connect(
+        &self,
+        url: &str,
+        timeout: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            match RedisLimiter::connect(url, timeout).await {
+                Ok(redis) => {
+                    tracing::info!("rate limits and quotas are shared through Redis");
+                    self.redis.store(Some(std::sync::Arc::new(redis)));
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reach Redis yet; limits follow their failure policies")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Decides a request: one Redis round trip, or memory; failure policies when Redis fails.
+    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: &str) -> Decision {
+        if !self.redis_configured {
+            return self.memory.decide(checks, now_ms, 1);
+        }
+        let redis = self.redis.load_full();
+        if let Some(redis) = redis
+            && let Some(decision) = redis.decide(checks, now_ms, member).await
+        {
+            return decision;
+        }
+        self.degraded.fetch_add(1, Ordering::Relaxed);
+        if checks.iter().any(|c| c.policy == FailurePolicy::FailClosed) {
+            return Decision::Unavailable;
+        }
+        let local: Vec<Check> = checks
+            .iter()
+            .filter(|c| c.policy == FailurePolicy::Local)
+            .cloned()
+            .collect();
+        if local.is_empty() {
+            return Decision::Admitted(Vec::new());
+        }
+        self.memory
+            .decide(&local, now_ms, self.live_nodes.load(Ordering::Relaxed))
+    }
+}

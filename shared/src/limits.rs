@@ -1,0 +1,110 @@
+//! Limiter keys and calendar periods, shared so the control plane can read the counters the
+//! data planes keep (`GET /admin/v1/consumers/{c}/usage`).
+//!
+//! Every key starts with the hash tag `{prefix}`: one Redis Cluster slot holds all of a
+//! deployment's counters, so one script can check several limits atomically.
+
+use crate::model::QuotaPeriod;
+
+/// Key of a consumer's plan rate limit (a sliding-window sorted set).
+pub fn plan_key(prefix: &str, consumer_id: &str) -> String {
+    format!("{{{prefix}}}:plan:{consumer_id}")
+}
+
+/// Key of a consumer's quota counter for the period named by `stamp`.
+pub fn quota_key(prefix: &str, consumer_id: &str, stamp: &str) -> String {
+    format!("{{{prefix}}}:quota:{consumer_id}:{stamp}")
+}
+
+/// Key of a route's own rate limit; `scope` is empty (whole route), `ip:<addr>` or `c:<id>`.
+pub fn route_key(prefix: &str, route_id: &str, scope: &str) -> String {
+    if scope.is_empty() {
+        format!("{{{prefix}}}:route:{route_id}")
+    } else {
+        format!("{{{prefix}}}:route:{route_id}:{scope}")
+    }
+}
+
+/// End of the calendar period holding `now_ms`, in Unix ms, and a stamp naming the period.
+pub fn period_end(period: QuotaPeriod, now_ms: i64) -> (i64, String) {
+    let days = now_ms.div_euclid(86_400_000);
+    let (year, month, day) = civil_from_days(days);
+    match period {
+        QuotaPeriod::Day => (
+            (days + 1) * 86_400_000,
+            format!("{year:04}{month:02}{day:02}"),
+        ),
+        QuotaPeriod::Month => {
+            let (next_year, next_month) = if month == 12 {
+                (year + 1, 1)
+            } else {
+                (year, month + 1)
+            };
+            (
+                days_from_civil(next_year, next_month, 1) * 86_400_000,
+                format!("{year:04}{month:02}"),
+            )
+        }
+    }
+}
+
+// Howard Hinnant's civil-date algorithms (proleptic Gregorian, UTC).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_end_on_utc_calendar_boundaries() {
+        // 2026-11-28T15:00:00Z
+        let now = 1_795_878_000_000;
+        assert_eq!(
+            period_end(QuotaPeriod::Day, now),
+            (1_795_910_400_000, "20261128".into())
+        );
+        assert_eq!(
+            period_end(QuotaPeriod::Month, now),
+            (1_796_083_200_000, "202611".into())
+        );
+        // December rolls over into January.
+        let december = 1_797_000_000_000; // 2026-12-11
+        assert_eq!(period_end(QuotaPeriod::Month, december).1, "202612");
+        assert_eq!(
+            period_end(QuotaPeriod::Month, december).0,
+            1_798_761_600_000
+        ); // 2027-01-01
+    }
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        assert_eq!(plan_key("tg", "c1"), "{tg}:plan:c1");
+        assert_eq!(quota_key("tg", "c1", "20261128"), "{tg}:quota:c1:20261128");
+        assert_eq!(route_key("tg", "r1", ""), "{tg}:route:r1");
+        assert_eq!(
+            route_key("tg", "r1", "ip:10.0.0.1"),
+            "{tg}:route:r1:ip:10.0.0.1"
+        );
+    }
+}
