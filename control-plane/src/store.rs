@@ -611,6 +611,17 @@ impl Store {
         Ok(())
     }
 
+    /// Data planes connected and heard from since `since` (Unix ms).
+    pub async fn count_live_data_planes(&self, since: i64) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS live FROM data_planes WHERE state <> 'disconnected' AND last_seen >= $1",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("live")?)
+    }
+
     /// Every data plane ever seen, by node id.
     pub async fn list_data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError> {
         let rows = sqlx::query(

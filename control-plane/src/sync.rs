@@ -232,8 +232,19 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
         }
     }
 
+    let mut cluster_info = tokio::time::interval(state.idle_timeout / 6);
     loop {
         tokio::select! {
+            _ = cluster_info.tick() => {
+                let since = now_ms() - i64::try_from(state.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+                if let Ok(live) = state.store.count_live_data_planes(since).await {
+                    let message = CpMessage::Cluster { live_data_planes: u64::try_from(live).unwrap_or(1).max(1) };
+                    let text = serde_json::to_string(&message).unwrap_or_default();
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     break;

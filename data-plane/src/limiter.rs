@@ -14,7 +14,7 @@
 //! - **When Redis fails** (error, timeout, or the circuit breaker is open) each limit follows its
 //!   policy: `fail_open` admits, `fail_closed` refuses with 503 `limiter_unavailable`, `local`
 //!   enforces `limit ÷ live data planes` in this node's memory. The timeout is short and the
-//!   breaker skips Redis for a second after consecutive failures, so a down Redis costs a few
+//!   breaker skips Redis for a second after a failure, so a down Redis costs a few
 //!   milliseconds at most, and recovery needs no restart.
 
 use std::collections::{HashMap, VecDeque};
@@ -187,8 +187,6 @@ pub struct RedisLimiter {
     open_until_ms: AtomicI64,
 }
 
-/// Consecutive failures that open the breaker.
-const BREAKER_THRESHOLD: u32 = 3;
 /// How long an open breaker skips Redis before letting one request probe it.
 const BREAKER_OPEN_MS: i64 = 1_000;
 
@@ -245,10 +243,8 @@ impl RedisLimiter {
             }
             Err(error) => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures >= BREAKER_THRESHOLD {
-                    self.open_until_ms
-                        .store(now_ms + BREAKER_OPEN_MS, Ordering::Relaxed);
-                }
+                self.open_until_ms
+                    .store(now_ms + BREAKER_OPEN_MS, Ordering::Relaxed);
                 tracing::warn!(%error, failures, "rate-limit store unavailable");
                 None
             }
@@ -277,66 +273,6 @@ fn decode(checks: &[Check], values: &[i64]) -> Decision {
     }
     let index = usages.iter().position(|u| u.count >= u.limit).unwrap_or(0);
     Decision::Limited(usages, index)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check(key: &str, limit: u64, span: Span) -> Check {
-        Check {
-            key: key.into(),
-            limit,
-            span,
-            policy: FailurePolicy::FailOpen,
-            is_quota: matches!(span, Span::Quota(_)),
-        }
-    }
-
-    #[test]
-    fn memory_window_is_exact_and_refusals_consume_nothing() {
-        let limiter = MemoryLimiter::default();
-        let checks = [
-            check("w", 3, Span::Window(1000)),
-            check("q", 5, Span::Quota(QuotaPeriod::Day)),
-        ];
-        let admitted = (0..10)
-            .filter(|i| {
-                matches!(
-                    limiter.decide(&checks, 10_000 + i, 1),
-                    Decision::Admitted(_)
-                )
-            })
-            .count();
-        assert_eq!(admitted, 3);
-        // The window slides: one second after the first admission, one slot frees.
-        assert!(matches!(
-            limiter.decide(&checks, 11_000, 1),
-            Decision::Admitted(_)
-        ));
-        assert!(matches!(
-            limiter.decide(&checks, 11_001, 1),
-            Decision::Admitted(_)
-        ));
-        // The quota (5) counted only admitted requests: 5 now, so the next is refused by it.
-        match limiter.decide(&checks, 13_000, 1) {
-            Decision::Limited(usages, index) => {
-                assert_eq!(index, 1);
-                assert_eq!(usages[1].count, 5);
-            }
-            other => panic!("expected the quota to refuse: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn memory_local_share_divides_the_limit() {
-        let limiter = MemoryLimiter::default();
-        let checks = [check("w", 10, Span::Window(1000))];
-        let admitted = (0..20)
-            .filter(|i| matches!(limiter.decide(&checks, 5_000 + i, 2), Decision::Admitted(_)))
-            .count();
-        assert_eq!(admitted, 5);
-    }
 }
 
 /// The node's limiter: Redis when configured (with failure policies), memory otherwise.
@@ -419,5 +355,65 @@ impl Limiter {
         }
         self.memory
             .decide(&local, now_ms, self.live_nodes.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(key: &str, limit: u64, span: Span) -> Check {
+        Check {
+            key: key.into(),
+            limit,
+            span,
+            policy: FailurePolicy::FailOpen,
+            is_quota: matches!(span, Span::Quota(_)),
+        }
+    }
+
+    #[test]
+    fn memory_window_is_exact_and_refusals_consume_nothing() {
+        let limiter = MemoryLimiter::default();
+        let checks = [
+            check("w", 3, Span::Window(1000)),
+            check("q", 5, Span::Quota(QuotaPeriod::Day)),
+        ];
+        let admitted = (0..10)
+            .filter(|i| {
+                matches!(
+                    limiter.decide(&checks, 10_000 + i, 1),
+                    Decision::Admitted(_)
+                )
+            })
+            .count();
+        assert_eq!(admitted, 3);
+        // The window slides: one second after the first admission, one slot frees.
+        assert!(matches!(
+            limiter.decide(&checks, 11_000, 1),
+            Decision::Admitted(_)
+        ));
+        assert!(matches!(
+            limiter.decide(&checks, 11_001, 1),
+            Decision::Admitted(_)
+        ));
+        // The quota (5) counted only admitted requests: 5 now, so the next is refused by it.
+        match limiter.decide(&checks, 13_000, 1) {
+            Decision::Limited(usages, index) => {
+                assert_eq!(index, 1);
+                assert_eq!(usages[1].count, 5);
+            }
+            other => panic!("expected the quota to refuse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn memory_local_share_divides_the_limit() {
+        let limiter = MemoryLimiter::default();
+        let checks = [check("w", 10, Span::Window(1000))];
+        let admitted = (0..20)
+            .filter(|i| matches!(limiter.decide(&checks, 5_000 + i, 2), Decision::Admitted(_)))
+            .count();
+        assert_eq!(admitted, 5);
     }
 }

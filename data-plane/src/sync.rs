@@ -143,6 +143,10 @@ impl SyncClient {
                             None
                         }
                         Ok(CpMessage::Snapshot { hash, snapshot }) => Some(self.receive(snapshot, hash).await),
+                        Ok(CpMessage::Cluster { live_data_planes }) => {
+                            self.shared.limiter.live_nodes.store(live_data_planes.max(1), Ordering::Relaxed);
+                            None
+                        }
                         Err(error) => Some(DpMessage::Nack { revision: -1, reason: format!("unreadable message: {error}") }),
                     };
                     if let Some(reply) = reply {

@@ -74,6 +74,12 @@ pub enum CpMessage {
         /// The current revision.
         revision: i64,
     },
+    /// Facts about the cluster, sent on connect and periodically.
+    Cluster {
+        /// Data planes connected and heard from recently (for `local` limits: each node
+        /// enforces limit ÷ this).
+        live_data_planes: u64,
+    },
 }
 
 #[cfg(test)]

@@ -203,7 +203,8 @@ pub fn settings_with_cluster(
         cluster_listen: cluster,
         cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
         config_poll_seconds: 5,
-        data_plane_timeout_seconds: 30,
+        // Short, so cluster facts (live data planes) reach test nodes every second.
+        data_plane_timeout_seconds: 6,
     }
 }
 
@@ -523,16 +524,19 @@ impl TestDp {
         dir: &std::path::Path,
         node_id: &str,
     ) -> Self {
-        Self::start_with(cluster, dir, node_id, None, "tollgate").await
+        Self::start_with(cluster, dir, node_id, None, "tollgate", 250).await
     }
 
     /// Like [`TestDp::start`], limiting through Redis at `redis_url` under `redis_prefix`.
+    /// (Debug builds under a parallel test run answer slower than production: 250 ms is a
+    /// timeout that only a real outage reaches.)
     pub async fn start_with(
         cluster: std::net::SocketAddr,
         dir: &std::path::Path,
         node_id: &str,
         redis_url: Option<&str>,
         redis_prefix: &str,
+        redis_timeout_ms: u64,
     ) -> Self {
         let settings = tollgate_data_plane::Settings {
             control_plane_url: format!("http://{cluster}"),
@@ -547,7 +551,7 @@ impl TestDp {
             max_header_bytes: 16 * 1024,
             redis_url: redis_url.map(Secret::new),
             redis_prefix: redis_prefix.to_string(),
-            redis_timeout_ms: 10,
+            redis_timeout_ms,
         };
         let dp = tollgate_data_plane::DataPlane::build(&settings)
             .await
@@ -643,4 +647,106 @@ pub async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).to_string()
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// The machine's Redis, shared by tests that each use their own key prefix.
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// A key prefix no other test uses.
+pub fn redis_prefix() -> String {
+    format!("tgtest-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Deletes every key under `prefix` (its hash tag) from the shared Redis.
+pub async fn redis_cleanup(prefix: &str) {
+    if let Ok(output) = tokio::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6379",
+            "--scan",
+            "--pattern",
+            &format!("{{{prefix}}}*"),
+        ])
+        .output()
+        .await
+    {
+        let keys: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if !keys.is_empty() {
+            let _ = tokio::process::Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", "6379", "DEL"])
+                .args(&keys)
+                .output()
+                .await;
+        }
+    }
+}
+
+/// A private redis-server on a free port, for tests that kill and restart it.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut redis = Self { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts (it is on the machine; see README)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
