@@ -295,6 +295,13 @@ async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
     })
     .await;
     assert_eq!(status_of(&client, &dp.url("/new")).await, 200);
-    let (_, planes) = cp.get("/data-planes").await;
-    assert_eq!(planes[0]["error"], Value::Null);
+    wait_until(
+        Duration::from_secs(2),
+        "the ack clears the nack reason",
+        || async {
+            let (_, planes) = cp.get("/data-planes").await;
+            planes[0]["error"] == Value::Null && planes[0]["state"] == "synced"
+        },
+    )
+    .await;
 }

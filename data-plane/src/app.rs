@@ -90,6 +90,13 @@ impl DataPlane {
         })
     }
 
+    /// A handle that tells whether a config is loaded, usable after `run_until_stopped` took
+    /// the data plane.
+    pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.config.load().is_some()
+    }
+
     /// The clock limits are computed with (tests move it across quota periods).
     pub fn clock(&self) -> Arc<crate::state::Clock> {
         self.shared.clock.clone()
