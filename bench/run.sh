@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tollgate proxy throughput/latency/CPU benchmark against nginx (loopback only).
 #
-# What it measures, in one run of ROUNDS rounds (the three targets alternate inside each round,
+# What it measures, in one run of ROUNDS rounds (the targets alternate inside each round,
 # so slow drift of the machine hits all of them alike; medians are reported at the end):
 #
-#   direct    wrk -> upstream nginx                              127.0.0.1:18080
-#   nginx     wrk -> nginx reverse proxy -> upstream nginx       127.0.0.1:18081
-#   tollgate  wrk -> Tollgate data plane -> upstream nginx       127.0.0.1:18090
+#   direct               wrk -> upstream nginx                          127.0.0.1:18080/
+#   nginx                wrk -> nginx reverse proxy -> upstream nginx   127.0.0.1:18081/
+#   tollgate             wrk -> Tollgate data plane -> upstream nginx   127.0.0.1:18090/
+#   tollgate-auth-limit  wrk -> Tollgate data plane (API-key auth + Redis rate limit, one
+#                        EVALSHA round trip per request) -> upstream    127.0.0.1:18090/limited
 #
 #   upstream  nginx, 1 worker, `return 200 "ok"`, keepalive_requests 1000000
 #   nginx     1 worker, keepalive_requests 1000000, upstream pool `keepalive 64`,
@@ -14,17 +16,35 @@
 #   tollgate  `tollgate data-plane` with TOLLGATE_WORKER_THREADS=1, configured by a
 #             `tollgate control-plane` (embedded SQLite, admin 18091, cluster 18095,
 #             data-plane status 18092) with one upstream and one route `/`.
+#   tollgate-auth-limit  the same data plane process, route `bench-limited` on `/limited`
+#             with `auth: {api_key: {}}` and `rate_limit: {requests: 1e9, window_seconds: 1,
+#             by: consumer}` (an exact sliding window: a Redis sorted set per consumer, never
+#             full here), consumer `bench` with one API key sent by wrk as `X-API-Key`.
+#             The data plane then runs with TOLLGATE_REDIS_URL=redis://127.0.0.1:18379/0 and
+#             TOLLGATE_REDIS_PREFIX=bench against a redis-server started here (127.0.0.1:18379,
+#             no persistence). Only started when this target is selected; the machine's own
+#             Redis (6379) is never used.
 #
-#   Every server (upstream, nginx proxy, Tollgate control plane and data plane) is pinned to
-#   CPU $SERVER_CPU with taskset; wrk (`wrk -t1 -c$CONNS -d${DUR}s --latency`) to $CLIENT_CPU.
+#   Every server (upstream, nginx proxy, Tollgate control plane and data plane, redis-server)
+#   is pinned to CPU $SERVER_CPU with taskset; wrk (`wrk -t1 -c$CONNS -d${DUR}s --latency`) to
+#   $CLIENT_CPU.
 #
 # Per run it prints requests/s, p50 and p99 latency (ms), wrk errors / non-2xx responses, and
 # CPU-microseconds per request of the proxy (utime+stime of the proxy process and its children,
 # from /proc/<pid>/stat, * 1e6 / CLK_TCK / requests reported by wrk) and of the upstream.
-# The final table holds the medians and the ratios tollgate/nginx (rps and CPU-us/req).
+# For tollgate-auth-limit also: CPU-us per request of redis-server (same /proc method),
+# Redis commands per request (sum of `calls=` of every cmdstat line of `INFO commandstats`
+# except `info` itself, after minus before the wrk run, / requests; the limiter script's
+# ZREMRANGEBYSCORE/ZCARD/ZRANGE/ZADD/PEXPIRE count too), script calls per request
+# (evalsha + eval) and requests the data plane decided by its failure policy instead of Redis
+# (delta of tollgate_limiter_degraded_total; must stay 0).
+# The final table holds the medians and the ratios tollgate/nginx and
+# tollgate-auth-limit/nginx (rps and CPU-us/req).
 #
-# Usage:  bench/run.sh                      (as root on Debian: installs nginx and wrk if missing)
+# Usage:  bench/run.sh                      (as root on Debian: installs nginx, wrk and, for
+#                                            tollgate-auth-limit, redis-server if missing)
 # Knobs (environment variables):
+#   TARGETS="direct nginx tollgate tollgate-auth-limit"   targets measured, in this order
 #   ROUNDS=3        rounds (each round runs every target once)
 #   DUR=10          seconds per wrk run
 #   CONNS=50        wrk connections
@@ -36,9 +56,11 @@
 #   CARGO_TARGET_DIR  where the tollgate binary is looked for / built (default <repo>/target)
 #   TOLLGATE_BIN=...  use this binary instead (no build)
 #   SKIP_INSTALL=1  never call apt-get
+#   PORT_OFFSET=0   added to every port below (0-999), when another instance holds them
 #
-# Not a test: CI does not run it. Ports used: 18080 18081 18090 18091 18092 18095 (all must be
-# free; the script refuses to start otherwise). Everything it starts is stopped by PID at exit.
+# Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18090 18091 18092 18095,
+# and 18379 (redis-server) with tollgate-auth-limit (all must be free; the script refuses to start
+# otherwise). Everything it starts is stopped by PID at exit.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -49,13 +71,26 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BENCH_DIR=${BENCH_DIR:-/tmp/tollgate-bench/results/$(date +%Y%m%d-%H%M%S)}
 
-UPSTREAM_PORT=18080
-NGINX_PORT=18081
-TG_PROXY_PORT=18090
-TG_ADMIN_PORT=18091
-TG_STATUS_PORT=18092
-TG_CLUSTER_PORT=18095
-TARGETS=(direct nginx tollgate)
+PORT_OFFSET=${PORT_OFFSET:-0}
+[[ "$PORT_OFFSET" =~ ^[0-9]+$ ]] && ((PORT_OFFSET < 1000)) ||
+  { echo "error: PORT_OFFSET must be a number from 0 to 999" >&2; exit 1; }
+UPSTREAM_PORT=$((18080 + PORT_OFFSET))
+NGINX_PORT=$((18081 + PORT_OFFSET))
+TG_PROXY_PORT=$((18090 + PORT_OFFSET))
+TG_ADMIN_PORT=$((18091 + PORT_OFFSET))
+TG_STATUS_PORT=$((18092 + PORT_OFFSET))
+TG_CLUSTER_PORT=$((18095 + PORT_OFFSET))
+REDIS_PORT=$((18379 + PORT_OFFSET)) # never the machine's Redis (6379)
+read -r -a TARGETS <<<"${TARGETS:-direct nginx tollgate tollgate-auth-limit}"
+((${#TARGETS[@]} > 0)) || { echo 'error: TARGETS is empty' >&2; exit 1; }
+WITH_REDIS=""
+for t in "${TARGETS[@]}"; do
+  case $t in
+    direct | nginx | tollgate) ;;
+    tollgate-auth-limit) WITH_REDIS=1 ;;
+    *) printf 'error: unknown target %s (known: direct nginx tollgate tollgate-auth-limit)\n' "$t" >&2; exit 1 ;;
+  esac
+done
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -69,7 +104,13 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk
 fi
-for tool in nginx wrk taskset curl awk getconf od; do
+if [[ -n "$WITH_REDIS" ]] && ! command -v redis-server >/dev/null; then
+  [[ -z "${SKIP_INSTALL:-}" ]] || die "redis-server is needed for tollgate-auth-limit (SKIP_INSTALL is set)"
+  log "installing redis-server"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+fi
+for tool in nginx wrk taskset curl awk getconf od sed ${WITH_REDIS:+redis-server redis-cli}; do
   command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 
@@ -90,7 +131,7 @@ fi
 # ------------------------------------------------------------------------------------ dirs, ports
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in "$UPSTREAM_PORT" "$NGINX_PORT" "$TG_PROXY_PORT" "$TG_ADMIN_PORT" "$TG_STATUS_PORT" \
-  "$TG_CLUSTER_PORT"; do
+  "$TG_CLUSTER_PORT" ${WITH_REDIS:+"$REDIS_PORT"}; do
   if port_busy "$port"; then die "127.0.0.1:$port is already in use (a previous run still alive?)"; fi
 done
 
@@ -148,6 +189,10 @@ wait_for() {
 }
 answers_ok() { [[ "$(curl -s -m 1 "$1" 2>/dev/null)" == ok ]]; }
 http_200() { [[ "$(curl -s -m 1 -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" == 200 ]]; }
+# status_of URL [CURL-ARGS...]: the HTTP status code (000 when there is no answer)
+status_of() { curl -s -m 2 -o /dev/null -w '%{http_code}' "${@:2}" "$1" 2>/dev/null || true; }
+# Only ever our own redis-server: -h/-p are always given.
+rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
 # ------------------------------------------------------------------------------------ nginx configs
 mkdir -p "$STATE/nginx-upstream" "$STATE/nginx-proxy"
@@ -217,6 +262,14 @@ start nginx nginx -p "$STATE" -c "$CONF/proxy-nginx.conf"
 wait_for "upstream nginx" 10 answers_ok "http://127.0.0.1:$UPSTREAM_PORT/"
 wait_for "nginx proxy" 10 answers_ok "http://127.0.0.1:$NGINX_PORT/"
 
+if [[ -n "$WITH_REDIS" ]]; then
+  mkdir -p "$STATE/redis"
+  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --daemonize no --dir "$STATE/redis"
+  redis_up() { [[ "$(rcli PING 2>/dev/null)" == PONG ]]; }
+  wait_for "redis-server on $REDIS_PORT" 10 redis_up
+fi
+
 token() { printf 'bench-%s' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"; }
 ADMIN_TOKEN=$(token)
 CLUSTER_TOKEN=$(token)
@@ -236,16 +289,28 @@ admin_up() {
 }
 wait_for "tollgate control plane (admin API)" 30 admin_up
 
-admin_post() { # PATH JSON
+ADMIN_BODY=""
+admin_post() { # PATH JSON  (the response body is left in ADMIN_BODY)
   local out code
   out=$(curl -s -m 5 -w '\n%{http_code}' -X POST "http://127.0.0.1:$TG_ADMIN_PORT/admin/v1/$1" \
     -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' -d "$2")
   code=${out##*$'\n'}
   printf 'POST /admin/v1/%s -> %s\n%s\n' "$1" "$code" "${out%$'\n'*}" >>"$LOGS/admin-api.log"
   [[ "$code" == 2* ]] || die "POST /admin/v1/$1 answered $code: ${out%$'\n'*}"
+  ADMIN_BODY=${out%$'\n'*}
 }
 admin_post upstreams "{\"name\":\"bench\",\"targets\":[{\"url\":\"http://127.0.0.1:$UPSTREAM_PORT\"}]}"
 admin_post routes '{"name":"bench","paths":["/"],"upstream":"bench"}'
+API_KEY=""
+REDIS_ENV=()
+if [[ -n "$WITH_REDIS" ]]; then
+  admin_post consumers '{"username":"bench"}'
+  admin_post consumers/bench/keys '{}'
+  API_KEY=$(sed -n 's/.*"key" *: *"\(tg_[^"]*\)".*/\1/p' <<<"$ADMIN_BODY")
+  [[ -n "$API_KEY" ]] || die "no key (tg_...) in the answer of POST /admin/v1/consumers/bench/keys"
+  admin_post routes '{"name":"bench-limited","paths":["/limited"],"upstream":"bench","auth":{"api_key":{}},"rate_limit":{"requests":1000000000,"window_seconds":1,"by":"consumer"}}'
+  REDIS_ENV=(TOLLGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" TOLLGATE_REDIS_PREFIX=bench)
+fi
 
 start tollgate env \
   TOLLGATE_CONTROL_PLANE_URL="http://127.0.0.1:$TG_CLUSTER_PORT" \
@@ -255,16 +320,57 @@ start tollgate env \
   TOLLGATE_DATA_DIR="$STATE/dp" \
   TOLLGATE_WORKER_THREADS=1 \
   TOLLGATE_LOG=warn \
+  ${REDIS_ENV[@]+"${REDIS_ENV[@]}"} \
   "$TOLLGATE_BIN" data-plane
 wait_for "tollgate data plane /readyz" 60 http_200 "http://127.0.0.1:$TG_STATUS_PORT/readyz"
 wait_for "tollgate proxy answering ok" 30 answers_ok "http://127.0.0.1:$TG_PROXY_PORT/"
+
+# redis_calls: "ALL SCRIPT" - summed calls= of every cmdstat line except info (ALL) and of
+# evalsha + eval (SCRIPT), from INFO commandstats of our redis-server.
+redis_calls() {
+  rcli INFO commandstats | tr -d '\r' | awk -F'[:=,]' '
+    /^cmdstat_/ { n = $1; sub(/^cmdstat_/, "", n)
+                  if (n != "info") all += $3
+                  if (n == "evalsha" || n == "eval") script += $3 }
+    END { printf "%d %d\n", all, script }'
+}
+# degraded: tollgate_limiter_degraded_total of the data plane (requests decided without Redis)
+degraded() {
+  curl -s -m 2 "http://127.0.0.1:$TG_STATUS_PORT/metrics" |
+    awk '$1 == "tollgate_limiter_degraded_total" {print $2; found = 1} END {if (!found) print "nan"}'
+}
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$UPSTREAM_PORT/"
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [tollgate]="http://127.0.0.1:$TG_PROXY_PORT/"
+  [tollgate-auth-limit]="http://127.0.0.1:$TG_PROXY_PORT/limited"
 )
-declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [tollgate]="${PID[tollgate]}")
+declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [tollgate]="${PID[tollgate]}"
+  [tollgate-auth-limit]="${PID[tollgate]}")
+declare -A WRK_HEADER=([direct]="" [nginx]="" [tollgate]="" [tollgate-auth-limit]="")
+
+if [[ -n "$WITH_REDIS" ]]; then
+  WRK_HEADER[tollgate-auth-limit]="X-API-Key: $API_KEY"
+  # The data plane connects to Redis in the background after it is ready, and a limit whose
+  # store is unreachable fails open (200 without any Redis call): wait until a keyed request
+  # is answered 200 *and* reached Redis.
+  limited_ok_via_redis() {
+    local before after
+    read -r _ before <<<"$(redis_calls)"
+    [[ "$(curl -s -m 1 -H "X-API-Key: $API_KEY" "${URL[tollgate-auth-limit]}" 2>/dev/null)" == ok ]] || return 1
+    read -r _ after <<<"$(redis_calls)"
+    ((after > before))
+  }
+  wait_for "tollgate /limited answering ok with the key, through Redis" 30 limited_ok_via_redis
+  code=$(status_of "${URL[tollgate-auth-limit]}")
+  [[ "$code" == 401 ]] || die "tollgate /limited without a key answered $code, expected 401"
+  code=$(status_of "${URL[tollgate-auth-limit]}" -H "X-API-Key: tg_not-a-real-key")
+  [[ "$code" == 401 ]] || die "tollgate /limited with a wrong key answered $code, expected 401"
+  code=$(status_of "${URL[tollgate-auth-limit]}" -H "X-API-Key: $API_KEY")
+  [[ "$code" == 200 ]] || die "tollgate /limited with the key answered $code, expected 200"
+  log "tollgate /limited: 200 with the key (through Redis), 401 without it or with a wrong one"
+fi
 
 # ------------------------------------------------------------------------------------ measuring
 HZ=$(getconf CLK_TCK)
@@ -298,9 +404,15 @@ per_req_us() { # TICKS REQUESTS
   awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else printf "nan" }'
 }
 
+per_req() { # COUNT REQUESTS
+  awk -v c="$1" -v n="$2" 'BEGIN { if (n > 0 && c != "nan") printf "%.3f", c / n; else printf "nan" }'
+}
+
 run_wrk() { # TARGET SECONDS OUTFILE [--latency]
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"$2s" "${@:4}" "${URL[$1]}" >"$3" 2>&1 ||
-    { cat "$3" >&2; die "wrk failed against $1"; }
+  local header=()
+  [[ -z "${WRK_HEADER[$1]}" ]] || header=(-H "${WRK_HEADER[$1]}")
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"$2s" ${header[@]+"${header[@]}"} "${@:4}" "${URL[$1]}" \
+    >"$3" 2>&1 || { cat "$3" >&2; die "wrk failed against $1"; }
 }
 
 if ((WARMUP > 0)); then
@@ -310,23 +422,41 @@ fi
 
 log "host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 log "$(nginx -v 2>&1), $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}'), tollgate: $TOLLGATE_BIN"
+[[ -z "$WITH_REDIS" ]] || log "redis-server $(rcli INFO server | tr -d '\r' | awk -F: '$1 == "redis_version" {print $2}') on 127.0.0.1:$REDIS_PORT"
 log "servers on CPU $SERVER_CPU, wrk -t1 -c$CONNS -d${DUR}s --latency on CPU $CLIENT_CPU, $ROUNDS rounds"
 
 RUNS=$BENCH_DIR/runs.txt
-echo "round target rps p50_ms p99_ms proxy_cpu_us_per_req upstream_cpu_us_per_req requests errors" >"$RUNS"
-printf '%-5s %-9s %10s %8s %8s %14s %14s  %s\n' round target rps p50_ms p99_ms proxy_us/req \
-  upstream_us/req errors
+echo "round target rps p50_ms p99_ms proxy_cpu_us_per_req upstream_cpu_us_per_req requests errors" \
+  "redis_cpu_us_per_req redis_cmds_per_req redis_script_calls_per_req limiter_degraded" >"$RUNS"
+ROW='%-5s %-19s %10s %8s %8s %14s %14s %12s %14s %11s %8s  %s\n'
+# shellcheck disable=SC2059 # the format is ROW
+printf "$ROW" round target rps p50_ms p99_ms proxy_us/req upstream_us/req redis_us/req \
+  redis_cmds/req evalsha/req degraded errors
 for ((r = 1; r <= ROUNDS; r++)); do
   for t in "${TARGETS[@]}"; do
     out=$RAW/$t.round$r.txt
     pp=${PROXY_PID[$t]}
+    with_redis=""
+    [[ "$t" != tollgate-auth-limit ]] || with_redis=1
     p0=0
     [[ -z "$pp" ]] || p0=$(cpu_ticks "$pp")
     u0=$(cpu_ticks "${PID[upstream]}")
+    if [[ -n "$with_redis" ]]; then
+      r0=$(cpu_ticks "${PID[redis]}")
+      read -r c0 s0 <<<"$(redis_calls)"
+      d0=$(degraded)
+    fi
     run_wrk "$t" "$DUR" "$out" --latency
     p1=0
     [[ -z "$pp" ]] || p1=$(cpu_ticks "$pp")
     u1=$(cpu_ticks "${PID[upstream]}")
+    rcpu=- rcmds=- rscripts=- rdeg=-
+    if [[ -n "$with_redis" ]]; then
+      r1=$(cpu_ticks "${PID[redis]}")
+      read -r c1 s1 <<<"$(redis_calls)"
+      d1=$(degraded)
+      rdeg=$(awk -v a="$d0" -v b="$d1" 'BEGIN { if (a == "nan" || b == "nan") print "nan"; else print b - a }')
+    fi
 
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
@@ -337,8 +467,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     pcpu=-
     [[ -z "$pp" ]] || pcpu=$(per_req_us $((p1 - p0)) "$nreq")
     ucpu=$(per_req_us $((u1 - u0)) "$nreq")
-    printf '%-5s %-9s %10s %8s %8s %14s %14s  %s\n' "$r" "$t" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$errors"
-    echo "$r $t $rps $p50 $p99 $pcpu $ucpu $nreq ${errors// /_}" >>"$RUNS"
+    if [[ -n "$with_redis" ]]; then
+      rcpu=$(per_req_us $((r1 - r0)) "$nreq")
+      rcmds=$(per_req $((c1 - c0)) "$nreq")
+      rscripts=$(per_req $((s1 - s0)) "$nreq")
+    fi
+    # shellcheck disable=SC2059 # the format is ROW
+    printf "$ROW" "$r" "$t" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$rcpu" "$rcmds" "$rscripts" "$rdeg" "$errors"
+    echo "$r $t $rps $p50 $p99 $pcpu $ucpu $nreq ${errors// /_} $rcpu $rcmds $rscripts $rdeg" >>"$RUNS"
   done
 done
 
@@ -350,23 +486,43 @@ median_of() { # TARGET COLUMN (of runs.txt)
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
-declare -A MED_RPS MED_CPU
+fmt() { # PRINTF-FORMAT VALUE: VALUE formatted, or as is when it is not a number ("-")
+  awk -v f="$1" -v v="$2" 'BEGIN { if (v ~ /^-?[0-9.]+([eE][-+]?[0-9]+)?$/) printf f, v; else printf "%s", v }'
+}
+sum() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-") print "-"; else print a + b }'; }
+
+declare -A MED_RPS MED_CPU MED_RCPU
+for t in direct nginx tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]=- MED_RCPU[$t]=-; done
 {
   echo
   echo "medians of $ROUNDS x ${DUR}s runs (wrk -t1 -c$CONNS; servers on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU)"
-  printf '%-9s %10s %8s %8s %14s %16s\n' target rps p50_ms p99_ms proxy_us/req upstream_us/req
+  printf '%-19s %10s %8s %8s %14s %16s %12s %14s %11s\n' target rps p50_ms p99_ms proxy_us/req \
+    upstream_us/req redis_us/req redis_cmds/req evalsha/req
   for t in "${TARGETS[@]}"; do
     MED_RPS[$t]=$(median_of "$t" 3)
     MED_CPU[$t]=$(median_of "$t" 6)
-    printf '%-9s %10.0f %8.3f %8.3f %14s %16s\n' "$t" "${MED_RPS[$t]}" "$(median_of "$t" 4)" \
-      "$(median_of "$t" 5)" "${MED_CPU[$t]}" "$(median_of "$t" 7)"
+    MED_RCPU[$t]=$(median_of "$t" 10)
+    printf '%-19s %10s %8s %8s %14s %16s %12s %14s %11s\n' "$t" "$(fmt %.0f "${MED_RPS[$t]}")" \
+      "$(fmt %.3f "$(median_of "$t" 4)")" "$(fmt %.3f "$(median_of "$t" 5)")" "${MED_CPU[$t]}" \
+      "$(median_of "$t" 7)" "${MED_RCPU[$t]}" "$(median_of "$t" 11)" "$(median_of "$t" 12)"
   done
-  echo "tollgate/nginx rps:           $(ratio "${MED_RPS[tollgate]}" "${MED_RPS[nginx]}")"
-  echo "tollgate/nginx CPU-us/req:    $(ratio "${MED_CPU[tollgate]}" "${MED_CPU[nginx]}")"
-  echo "(CPU-us/req = utime+stime of the proxy process tree / of the upstream nginx, per request)"
+  echo "tollgate/nginx rps:                                  $(ratio "${MED_RPS[tollgate]}" "${MED_RPS[nginx]}")"
+  echo "tollgate/nginx CPU-us/req:                           $(ratio "${MED_CPU[tollgate]}" "${MED_CPU[nginx]}")"
+  if [[ -n "$WITH_REDIS" ]]; then
+    echo "tollgate-auth-limit/nginx rps:                       $(ratio "${MED_RPS[tollgate-auth-limit]}" "${MED_RPS[nginx]}")"
+    echo "tollgate-auth-limit/nginx CPU-us/req (proxy):        $(ratio "${MED_CPU[tollgate-auth-limit]}" "${MED_CPU[nginx]}")"
+    echo "tollgate-auth-limit/nginx CPU-us/req (proxy+redis):  $(ratio "$(sum "${MED_CPU[tollgate-auth-limit]}" "${MED_RCPU[tollgate-auth-limit]}")" "${MED_CPU[nginx]}")"
+  fi
+  echo "(CPU-us/req = utime+stime of the proxy process tree / of the upstream nginx / of redis-server,"
+  echo " per request; redis_cmds/req = all commands Redis executed, those inside the limiter script"
+  echo " included; evalsha/req = script calls (evalsha + eval); proxy+redis = sum of the two medians)"
 } | tee "$BENCH_DIR/table.txt"
 
 if awk 'NR > 1 && $9 != "none" {found = 1} END {exit !found}' "$RUNS"; then
   log "WARNING: some runs had socket errors or non-2xx responses (see $RUNS)"
+fi
+if awk 'NR > 1 && $2 == "tollgate-auth-limit" && ($13 != 0 || $12 < 0.99) {found = 1} END {exit !found}' "$RUNS"; then
+  log "WARNING: some tollgate-auth-limit requests did not reach Redis (limiter_degraded > 0 or" \
+    "fewer than one script call per request; see $RUNS)"
 fi
 log "raw outputs in $BENCH_DIR"

@@ -61,6 +61,8 @@ pub async fn run(
             cluster_token: Some(cluster_token.clone()),
             config_poll_seconds: 5,
             data_plane_timeout_seconds: 30,
+            redis_url: None,
+            redis_prefix: "tollgate".into(),
         })
         .await
         .context("starting the control plane")?;
@@ -114,6 +116,7 @@ pub async fn run(
         redis_url: None,
         redis_prefix: "tollgate".into(),
         redis_timeout_ms: 10,
+        jwks_min_refresh_ms: 10_000,
     })
     .await
     .context("starting the data plane")?;

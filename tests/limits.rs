@@ -12,7 +12,7 @@ use common::{
 use serde_json::{Value, json};
 
 struct Cluster {
-    _cp: TestApp,
+    cp: TestApp,
     dps: Vec<TestDp>,
     _upstream: TestUpstream,
     client: reqwest::Client,
@@ -29,7 +29,7 @@ async fn cluster(
     redis: Option<(&str, u64)>,
     prefix: &str,
 ) -> (Cluster, Vec<String>) {
-    let cp = TestApp::spawn(Backend::Postgres).await;
+    let cp = TestApp::spawn_prefixed(Backend::Postgres, prefix).await;
     let upstream = TestUpstream::start("u").await;
     cp.create(
         "/upstreams",
@@ -82,7 +82,7 @@ async fn cluster(
     }
     (
         Cluster {
-            _cp: cp,
+            cp,
             dps,
             _upstream: upstream,
             client,
@@ -215,6 +215,20 @@ async fn quota_counts_only_admitted_requests_and_resets_at_the_utc_boundary() {
     );
     let body: Value = refused.json().await.expect("json");
     assert_eq!(body["code"], "quota_exceeded");
+
+    // The control plane reads the same counters.
+    let (status, usage) = c.cp.get("/consumers/alice/usage").await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["plan"], "metered");
+    assert_eq!(usage["quota"]["used"], 5);
+    assert_eq!(usage["quota"]["remaining"], 0);
+    assert_eq!(usage["rate_limit"]["limit"], 2);
+    assert!(
+        usage["quota"]["resets_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("T00:00:00Z")),
+        "{usage}"
+    );
 
     // Past the next UTC midnight the quota starts again.
     c.dps[0].clock.advance(retry_after * 1000 + 1000);

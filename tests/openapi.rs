@@ -29,6 +29,7 @@ const CONTRACT: &[(&str, &str)] = &[
     ("get", "/admin/v1/consumers/{id}/keys"),
     ("post", "/admin/v1/consumers/{id}/keys"),
     ("delete", "/admin/v1/consumers/{id}/keys/{key_id}"),
+    ("get", "/admin/v1/consumers/{id}/usage"),
     ("get", "/admin/v1/plans"),
     ("post", "/admin/v1/plans"),
     ("get", "/admin/v1/plans/{id}"),

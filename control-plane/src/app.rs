@@ -22,6 +22,10 @@ pub struct AppState {
     pub store: Store,
     /// A data plane silent this long is reported as not live.
     pub data_plane_timeout: Duration,
+    /// The data planes' Redis, for usage reads.
+    pub redis: Option<redis::Client>,
+    /// Prefix of the limiter keys.
+    pub redis_prefix: String,
 }
 
 /// A built, bound, not yet serving control plane.
@@ -45,9 +49,17 @@ impl Application {
         let generated_admin_token = crate::auth::bootstrap(&store, settings.admin_token.as_ref())
             .await
             .context("bootstrapping the admin token")?;
+        let redis = settings
+            .redis_url
+            .as_ref()
+            .map(|url| redis::Client::open(url.expose()))
+            .transpose()
+            .context("TOLLGATE_REDIS_URL")?;
         let (router, _) = crate::api::router(AppState {
             store: store.clone(),
             data_plane_timeout: Duration::from_secs(settings.data_plane_timeout_seconds),
+            redis,
+            redis_prefix: settings.redis_prefix.clone(),
         });
         let admin = TcpListener::bind(settings.admin_listen)
             .await

@@ -62,6 +62,9 @@ pub enum ApiError {
         /// each problem with its field path
         errors: Vec<FieldError>,
     },
+    /// 503: the limiter's Redis is not configured or unreachable.
+    #[error("{0}")]
+    LimiterUnavailable(String),
     /// 503: the store is unreachable.
     #[error("the config store is unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -83,6 +86,7 @@ impl ApiError {
             }
             Self::Unprocessable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::LimiterUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "limiter_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

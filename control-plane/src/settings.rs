@@ -37,6 +37,12 @@ pub struct Settings {
     /// normally arrive at once through Postgres NOTIFY).
     #[arg(long, env = "TOLLGATE_CONFIG_POLL_SECONDS", default_value_t = 5)]
     pub config_poll_seconds: u64,
+    /// The data planes' Redis, read for `GET /admin/v1/consumers/{c}/usage`.
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+    /// Prefix of the limiter keys (as on the data planes).
+    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate")]
+    pub redis_prefix: String,
     /// A data plane silent for this many seconds counts as gone (they heartbeat every 5 s).
     #[arg(
         long,

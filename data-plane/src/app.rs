@@ -44,7 +44,8 @@ impl DataPlane {
                 "no TOLLGATE_REDIS_URL: rate limits and quotas are counted in this node's memory (single node)"
             );
         }
-        let shared = Arc::new(Shared::new(settings.trusted_proxies.clone(), limiter));
+        let jwks = crate::jwt::JwksRegistry::new(settings.jwks_min_refresh_ms);
+        let shared = Arc::new(Shared::new(settings.trusted_proxies.clone(), limiter, jwks));
         match crate::persist::load_snapshot(&settings.data_dir) {
             Ok(Some(snapshot)) => match crate::sync::apply(&shared, snapshot, None).await {
                 Ok((revision, _)) => tracing::info!(
@@ -153,6 +154,18 @@ impl DataPlane {
                 }
             })
         };
+        let refresher = {
+            let (shared, cancel) = (self.shared.clone(), cancel.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(crate::jwt::REFRESH_EVERY) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                    shared.jwks.refresh_all(shared.clock.now_ms()).await;
+                }
+            })
+        };
         tokio::join!(
             crate::server::serve_proxy(
                 self.proxy,
@@ -165,6 +178,7 @@ impl DataPlane {
         cancel.cancel();
         let _ = sync.await;
         let _ = sweeper.await;
+        let _ = refresher.await;
         tracing::info!("data plane stopped");
         Ok(())
     }

@@ -189,13 +189,14 @@ impl RouteAuth {
         })
     }
 
-    /// Authenticates and authorizes a request; `now` is Unix seconds.
-    pub fn authenticate(
+    /// Authenticates and authorizes a request; `now_ms` is Unix milliseconds.
+    pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         keys: &KeyIndex,
-        now: i64,
+        now_ms: i64,
     ) -> Result<Identity, ProxyError> {
+        let now = now_ms.div_euclid(1000);
         let bearer = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -232,7 +233,7 @@ impl RouteAuth {
             && let Some(token) = bearer.filter(|b| looks_like_jwt(b))
         {
             strip.push(AUTHORIZATION);
-            identity = Some(self.verify_jwt(token)?);
+            identity = Some(self.verify_jwt(token, now_ms).await?);
         }
         let mut identity = identity.ok_or(ProxyError::Unauthorized("missing credential"))?;
         identity.strip = strip;
@@ -240,12 +241,15 @@ impl RouteAuth {
         Ok(identity)
     }
 
-    fn verify_jwt(&self, token: &str) -> Result<Identity, ProxyError> {
-        let (issuer, claims) = self
-            .issuers
-            .iter()
-            .find_map(|issuer| issuer.verify(token).map(|claims| (issuer, claims)))
-            .ok_or(ProxyError::Unauthorized("invalid token"))?;
+    async fn verify_jwt(&self, token: &str, now_ms: i64) -> Result<Identity, ProxyError> {
+        let mut verified = None;
+        for issuer in &self.issuers {
+            if let Some(claims) = issuer.verify(token, now_ms).await {
+                verified = Some((issuer, claims));
+                break;
+            }
+        }
+        let (issuer, claims) = verified.ok_or(ProxyError::Unauthorized("invalid token"))?;
         let forward = issuer
             .forward_claims
             .iter()

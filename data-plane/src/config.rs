@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use tollgate_shared::{HeaderTransform, Snapshot, Stored, Upstream};
 
 use crate::auth::{ConsumerRt, KeyIndex, PlanRt, RouteAuth};
-use crate::jwt::IssuerKeys;
+use crate::jwt::{IssuerKeys, JwksRegistry};
 use crate::router::RouteTable;
 
 /// Body type sent upstream: the client's streaming body, or nothing (then retries are safe).
@@ -35,7 +35,7 @@ pub struct ClientCache {
 }
 
 impl ClientCache {
-    fn get(&self, connect_ms: i64) -> UpstreamClient {
+    pub(crate) fn get(&self, connect_ms: i64) -> UpstreamClient {
         let mut clients = self
             .clients
             .lock()
@@ -282,6 +282,7 @@ pub fn compile(
     snapshot: Snapshot,
     expected_hash: Option<&str>,
     clients: &ClientCache,
+    jwks: &JwksRegistry,
 ) -> Result<Compiled, String> {
     let hash = snapshot.content_hash();
     if let Some(expected) = expected_hash
@@ -305,7 +306,7 @@ pub fn compile(
         .jwt_issuers
         .iter()
         .map(|issuer| {
-            IssuerKeys::compile(&issuer.spec)
+            IssuerKeys::compile(&issuer.spec, jwks, &clients.get(2_000))
                 .map(|keys| (issuer.spec.name.clone(), Arc::new(keys)))
                 .map_err(|e| format!("JWT issuer '{}': {e}", issuer.spec.name))
         })

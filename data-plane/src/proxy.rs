@@ -122,9 +122,10 @@ async fn proxy(
     // Authenticate.
     let now_ms = shared.clock.now_ms();
     let identity = match &route.auth {
-        Some(auth) => {
-            Some(auth.authenticate(&parts.headers, &config.keys, now_ms.div_euclid(1000))?)
-        }
+        Some(auth) => Some(
+            auth.authenticate(&parts.headers, &config.keys, now_ms)
+                .await?,
+        ),
         None => None,
     };
 

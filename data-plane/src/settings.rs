@@ -51,6 +51,9 @@ pub struct Settings {
     /// Longest wait for Redis before a limit falls back to its failure policy.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value_t = 10)]
     pub redis_timeout_ms: u64,
+    /// Shortest time between two JWKS fetches triggered by unknown `kid`s, per JWKS URL.
+    #[arg(long, env = "TOLLGATE_JWKS_MIN_REFRESH_MS", default_value_t = 10_000)]
+    pub jwks_min_refresh_ms: u64,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, env = "TOLLGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,

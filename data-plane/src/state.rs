@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use arc_swap::ArcSwapOption;
 
 use crate::config::{ClientCache, Compiled};
+use crate::jwt::JwksRegistry;
 use crate::limiter::Limiter;
 use crate::settings::Cidr;
 
@@ -19,6 +20,8 @@ pub struct Shared {
     pub trusted_proxies: Vec<Cidr>,
     /// Upstream clients, kept across snapshots.
     pub clients: ClientCache,
+    /// JWKS documents, kept across snapshots.
+    pub jwks: JwksRegistry,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// Rate limits and quotas.
@@ -50,11 +53,12 @@ impl Clock {
 
 impl Shared {
     /// Fresh state with no config.
-    pub fn new(trusted_proxies: Vec<Cidr>, limiter: Limiter) -> Self {
+    pub fn new(trusted_proxies: Vec<Cidr>, limiter: Limiter, jwks: JwksRegistry) -> Self {
         Self {
             config: ArcSwapOption::empty(),
             trusted_proxies,
             clients: ClientCache::default(),
+            jwks,
             metrics: Metrics::default(),
             limiter,
             clock: Arc::new(Clock::default()),

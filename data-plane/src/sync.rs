@@ -58,10 +58,11 @@ pub async fn apply(
     hash: Option<String>,
 ) -> Result<(i64, String), String> {
     let worker = shared.clone();
-    let compiled =
-        tokio::task::spawn_blocking(move || compile(snapshot, hash.as_deref(), &worker.clients))
-            .await
-            .map_err(|e| format!("compiling panicked: {e}"))??;
+    let compiled = tokio::task::spawn_blocking(move || {
+        compile(snapshot, hash.as_deref(), &worker.clients, &worker.jwks)
+    })
+    .await
+    .map_err(|e| format!("compiling panicked: {e}"))??;
     let applied = (compiled.revision, compiled.hash.clone());
     shared.apply(Arc::new(compiled));
     Ok(applied)

@@ -205,6 +205,8 @@ pub fn settings_with_cluster(
         config_poll_seconds: 5,
         // Short, so cluster facts (live data planes) reach test nodes every second.
         data_plane_timeout_seconds: 6,
+        redis_url: Some(Secret::new(REDIS_URL)),
+        redis_prefix: "tollgate".into(),
     }
 }
 
@@ -226,7 +228,21 @@ impl TestApp {
         admin_token: Option<&str>,
         cluster: std::net::SocketAddr,
     ) -> Self {
-        let app = Application::build(&settings_with_cluster(&db, admin_token, cluster))
+        let settings = settings_with_cluster(&db, admin_token, cluster);
+        Self::start(db, &settings, admin_token).await
+    }
+
+    /// A control plane reading limiter counters under `prefix` (for the usage endpoint).
+    pub async fn spawn_prefixed(backend: Backend, prefix: &str) -> Self {
+        let db = TestDb::new(backend).await;
+        let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+        let mut settings = settings_for(&db, Some(&token));
+        settings.redis_prefix = prefix.to_string();
+        Self::start(db, &settings, Some(&token)).await
+    }
+
+    async fn start(db: TestDb, settings: &Settings, admin_token: Option<&str>) -> Self {
+        let app = Application::build(settings)
             .await
             .expect("control plane starts");
         let cluster = app.cluster_addr().expect("cluster listener is on");
@@ -551,6 +567,7 @@ impl TestDp {
             max_header_bytes: 16 * 1024,
             redis_url: redis_url.map(Secret::new),
             redis_prefix: redis_prefix.to_string(),
+            jwks_min_refresh_ms: 100,
             redis_timeout_ms,
         };
         let dp = tollgate_data_plane::DataPlane::build(&settings)

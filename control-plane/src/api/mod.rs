@@ -7,6 +7,7 @@ mod data_planes;
 pub mod keys;
 mod resources;
 mod status;
+mod usage;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         ))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
+        .routes(routes!(usage::get))
         .routes(routes!(resources::plans::list, resources::plans::create))
         .routes(routes!(
             resources::plans::get,
