@@ -31,7 +31,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs go to stderr (stdout carries what a user asked for: the quickstart's banner, the
+    // generated admin token), with colours only on a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Command::DataPlane(settings) = &cli.command
         && let Some(threads) = settings.worker_threads

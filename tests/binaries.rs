@@ -167,33 +167,56 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     .await;
 
     let dir = tempfile::tempdir().expect("dir");
-    let ports = [free_port(), free_port()];
-    let child = Command::new(BINARY)
+    let mut child = Command::new(BINARY)
         .arg("data-plane")
         .env(
             "TOLLGATE_CONTROL_PLANE_URL",
             format!("http://{}", cp.cluster),
         )
         .env("TOLLGATE_CLUSTER_TOKEN", CLUSTER_TOKEN)
-        .env("TOLLGATE_PROXY_LISTEN", format!("127.0.0.1:{}", ports[0]))
-        .env("TOLLGATE_STATUS_LISTEN", format!("127.0.0.1:{}", ports[1]))
+        .env("TOLLGATE_PROXY_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_STATUS_LISTEN", "127.0.0.1:0")
         .env("TOLLGATE_DATA_DIR", dir.path())
         .env("TOLLGATE_WORKER_THREADS", "2")
-        .env("TOLLGATE_LOG", "warn")
+        .env("TOLLGATE_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("data plane starts");
+    // The bound ports are in the startup log line: `data plane serving proxy=… status=…`.
+    let stderr = child.stderr.take().expect("stderr");
     let process = Process(child);
     let pid = process.0.id();
+    let (proxy, status) = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let line = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("data plane serving"))
+            .expect("startup line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let field = |name: &str| {
+            let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        (field("proxy"), field("status"))
+    })
+    .await
+    .expect("reader");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .expect("client");
-    let base = format!("http://127.0.0.1:{}", ports[0]);
+    let base = format!("http://{proxy}");
     wait_until(Duration::from_secs(15), "data plane ready", || async {
         client
-            .get(format!("http://127.0.0.1:{}/readyz", ports[1]))
+            .get(format!("http://{status}/readyz"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200)
@@ -242,11 +265,4 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
         "memory stays flat: peak {peak} KiB vs {baseline} KiB at start"
     );
     drop(process);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
