@@ -4,6 +4,11 @@ mod echo;
 mod quickstart;
 
 use anyhow::Context;
+
+/// mimalloc: the proxy allocates small, short-lived buffers on every request; glibc's malloc
+/// showed up at ~5% of the data plane's CPU in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 

@@ -61,10 +61,11 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 pub async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    peer_value: HeaderValue,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = request_id(request.headers());
-    let response = match proxy(&shared, peer, request, &request_id).await {
+    let response = match proxy(&shared, peer, &peer_value, request, &request_id).await {
         Ok(response) => response,
         Err(error) => error.into_response(&request_id).map(Either::Right),
     };
@@ -75,6 +76,7 @@ pub async fn handle(
 async fn proxy(
     shared: &Shared,
     peer: SocketAddr,
+    peer_value: &HeaderValue,
     request: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -177,8 +179,8 @@ async fn proxy(
     set_forwarded(
         &mut headers,
         shared.is_trusted(peer.ip()),
-        peer.ip(),
-        host_value,
+        peer_value,
+        host_header.as_ref(),
     );
     headers.insert(X_REQUEST_ID, request_id.clone());
     if !route.request_edits.is_empty() {
@@ -293,22 +295,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// `X-Forwarded-*`: kept and extended from trusted peers, replaced for everyone else.
-fn set_forwarded(headers: &mut HeaderMap, trusted: bool, peer: IpAddr, host: Option<&str>) {
-    let peer_text = peer.to_string();
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if trusted => format!("{existing}, {peer_text}"),
-        _ => peer_text,
+/// `peer` is the peer's address as a header value (built once per connection).
+fn set_forwarded(
+    headers: &mut HeaderMap,
+    trusted: bool,
+    peer: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
+    let extended = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if trusted => HeaderValue::from_str(&format!(
+            "{existing}, {}",
+            peer.to_str().unwrap_or_default()
+        ))
+        .ok(),
+        _ => None,
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
+    headers.insert(X_FORWARDED_FOR, extended.unwrap_or_else(|| peer.clone()));
     if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        match host {
             Some(value) => {
-                headers.insert(X_FORWARDED_HOST, value);
+                headers.insert(X_FORWARDED_HOST, value.clone());
             }
             None => {
                 headers.remove(X_FORWARDED_HOST);
@@ -474,16 +483,17 @@ mod tests {
 
     #[test]
     fn forwarded_headers_trust_only_trusted_peers() {
-        let peer: IpAddr = "10.0.0.9".parse().expect("ip");
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let host = HeaderValue::from_static("api.example.com");
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let mut untrusted = headers.clone();
-        set_forwarded(&mut untrusted, false, peer, Some("api.example.com"));
+        set_forwarded(&mut untrusted, false, &peer, Some(&host));
         assert_eq!(untrusted[X_FORWARDED_FOR], "10.0.0.9");
         assert_eq!(untrusted[X_FORWARDED_PROTO], "http");
         assert_eq!(untrusted[X_FORWARDED_HOST], "api.example.com");
-        set_forwarded(&mut headers, true, peer, Some("api.example.com"));
+        set_forwarded(&mut headers, true, &peer, Some(&host));
         assert_eq!(headers[X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
         assert_eq!(headers[X_FORWARDED_PROTO], "https");
     }

@@ -51,7 +51,12 @@ pub async fn serve_proxy(
                 };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let service = service_fn(move |request| crate::proxy::handle(shared.clone(), peer, request));
+                // Built once per connection, not per request.
+                let peer_value = http::HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+                let service = service_fn(move |request| {
+                    crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request)
+                });
                 let connection = builder.serve_connection(TokioIo::new(Guarded::new(stream)), service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
