@@ -143,6 +143,7 @@ async fn forwarding_semantics() {
                 ("X-Hop", "secret"),
                 ("X-Remove-Me", "1"),
                 ("X-Request-Id", "client-chosen-id"),
+                ("X-Consumer-Username", "mallory"),
             ],
         )
         .await;
@@ -174,6 +175,10 @@ async fn forwarding_semantics() {
         "headers named by Connection are hop-by-hop"
     );
     assert!(!seen.headers.contains_key("x-remove-me"));
+    assert!(
+        !seen.headers.contains_key("x-consumer-username"),
+        "clients cannot claim a consumer"
+    );
 
     // A generated request id when the client sends none, the same on both sides.
     let (_, _, headers) = s.get("/api/x", &[]).await;
@@ -410,4 +415,18 @@ async fn http2_cleartext_is_served() {
     let seen = s.upstream.requests().pop().expect("seen");
     assert_eq!(seen.path, "/h2/x");
     assert_eq!(seen.headers["x-forwarded-host"], s.dp.proxy.to_string());
+
+    // An HTTP/2 body without Content-Length (DATA frames only) reaches the upstream whole.
+    let chunks = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'z'; 1000]))),
+    );
+    let response = client
+        .post(s.dp.url("/h2/upload"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("h2 upload");
+    assert_eq!(response.status(), 200);
+    let seen = s.upstream.requests().pop().expect("seen");
+    assert_eq!(seen.body_bytes, 4000);
 }

@@ -88,8 +88,9 @@ async fn proxy(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let has_body =
-        content_length.is_some_and(|l| l > 0) || parts.headers.contains_key(TRANSFER_ENCODING);
+    // Whatever the framing (Content-Length, chunked, or HTTP/2 DATA frames without a length),
+    // a body is there unless the stream already ended.
+    let has_body = !hyper::body::Body::is_end_stream(&body);
 
     let host_header: Option<HeaderValue> = match parts.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
@@ -161,6 +162,9 @@ async fn proxy(
     // Build the upstream request's headers.
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    // Consumer headers come from the gateway only, never from the client.
+    headers.remove(X_CONSUMER_ID);
+    headers.remove(X_CONSUMER_USERNAME);
     if let Some(identity) = &identity {
         for name in &identity.strip {
             headers.remove(name);
@@ -168,9 +172,6 @@ async fn proxy(
         if let Some(consumer) = &identity.consumer {
             headers.insert(X_CONSUMER_ID, consumer.id_header.clone());
             headers.insert(X_CONSUMER_USERNAME, consumer.username_header.clone());
-        } else {
-            headers.remove(X_CONSUMER_ID);
-            headers.remove(X_CONSUMER_USERNAME);
         }
         for (name, value) in &identity.forward {
             headers.insert(name.clone(), value.clone());
