@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use base64::Engine;
-use rand::RngCore;
 use tollgate_control_plane::api::keys::{NewKey, issue};
 use tollgate_shared::{Consumer, Route, Secret, Upstream};
 
@@ -50,7 +48,7 @@ pub async fn run(
         .await
         .context("starting the echo upstream")?;
 
-    let cluster_token = Secret::new(random_token());
+    let cluster_token = Secret::new(tollgate_control_plane::auth::generate_secret("tgcl_"));
     let control_plane =
         tollgate_control_plane::Application::build(&tollgate_control_plane::Settings {
             database_url: None,
@@ -176,10 +174,4 @@ Press Ctrl-C to stop."#,
 
 fn json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> anyhow::Result<T> {
     serde_json::from_value(value).context("building the demo config")
-}
-
-fn random_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

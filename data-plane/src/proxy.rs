@@ -1,7 +1,7 @@
 //! The request pipeline, in fixed phases:
 //!
 //! ```text
-//! load snapshot → framing checks → host + path normalization → route match → guards (body size)
+//! load snapshot → host + path normalization → route match → guards (body size)
 //! → authenticate → request transforms → pick upstream target → forward (timeout, retries)
 //! → response transforms → X-Request-Id
 //! ```
@@ -82,7 +82,6 @@ async fn proxy(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
     let (parts, body) = request.into_parts();
-    check_framing(&parts.headers)?;
     let content_length = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -260,22 +259,6 @@ async fn proxy(
         }
     }
     Err(last_error)
-}
-
-/// Requests whose framing two parsers could read differently are refused.
-fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if lengths.next().is_some() && lengths.next().is_some() {
-        return Err(ProxyError::BadRequest(
-            "more than one Content-Length".into(),
-        ));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
