@@ -150,9 +150,11 @@ async fn proxy(
         {
             Decision::Admitted(usages) => closest_to_limit(&usages),
             Decision::Limited(usages, index) => {
-                return Err(ProxyError::Limited {
-                    usage: usages[index.min(usages.len() - 1)],
-                });
+                // A refusal always names one of the request's limits.
+                if let Some(usage) = usages.get(index).or(usages.last()) {
+                    return Err(ProxyError::Limited { usage: *usage });
+                }
+                None
             }
             Decision::Unavailable => return Err(ProxyError::LimiterUnavailable),
         }
