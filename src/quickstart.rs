@@ -114,6 +114,7 @@ pub async fn run(
         redis_url: None,
         redis_prefix: "tollgate".into(),
         redis_timeout_ms: 10,
+        jwks_ca_file: None,
         jwks_min_refresh_ms: 10_000,
     })
     .await

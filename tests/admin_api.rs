@@ -74,7 +74,7 @@ async fn crud_of_every_resource(backend: Backend) {
         (
             "/jwt-issuers",
             json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"],
-                   "algorithms": ["RS256"], "jwks_url": "http://id.example/jwks.json"}),
+                   "algorithms": ["RS256"], "jwks_url": "https://id.example/jwks.json"}),
             "name",
             json!({"leeway_seconds": 5}),
             "leeway_seconds",

@@ -375,3 +375,114 @@ async fn a_revoked_key_stops_working_on_every_data_plane_within_a_second() {
         eprintln!("{}: revoked key refused after {took:?}", dp.node_id);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https_is_verified_against_the_configured_ca() {
+    // A TLS JWKS endpoint with a certificate from a CA only this test knows.
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let ca_dir = tempfile::tempdir().expect("dir");
+    let ca_file = ca_dir.path().join("ca.pem");
+    std::fs::write(&ca_file, certified.cert.pem()).expect("write CA");
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![certified.cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let fixtures: Value = serde_json::from_str(JWKS).expect("fixture");
+    let mut jwk = fixtures["rsa1"].clone();
+    jwk["kid"] = json!("tls-1");
+    let document = json!({"keys": [jwk]}).to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, document) = (acceptor.clone(), document.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_request| {
+                    let body = http_body_util::Full::new(bytes::Bytes::from(document.clone()));
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    let upstream = TestUpstream::start("u").await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+    )
+    .await;
+    cp.create("/consumers", json!({"username": "alice"})).await;
+    cp.create(
+        "/jwt-issuers",
+        json!({"name": "tls", "issuer": "https://tls.test", "algorithms": ["RS256"],
+               "jwks_url": format!("https://localhost:{port}/jwks.json")}),
+    )
+    .await;
+    cp.create("/routes", json!({"name": "jwt", "paths": ["/jwt"], "upstream": "u", "auth": {"jwt": {"issuers": ["tls"]}}}))
+        .await;
+    let client = reqwest::Client::new();
+    let revision = cp.revision().await;
+    let token = token(
+        RSA1_KEY,
+        Some("tls-1"),
+        claims("https://tls.test", "alice", "api", 300),
+    );
+
+    // Trusting the CA: the key is fetched over TLS and the token verifies.
+    let (dir1, dir2) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let trusting = TestDp::start_configured(cp.cluster, dir1.path(), "trusting", |settings| {
+        settings.jwks_ca_file = Some(ca_file.clone());
+    })
+    .await;
+    wait_until(Duration::from_secs(3), "synced", || async {
+        trusting.revision(&client).await == Some(revision)
+    })
+    .await;
+    let status = client
+        .get(trusting.url("/jwt/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request")
+        .status();
+    assert_eq!(status, 200, "JWKS fetched over https");
+
+    // Not trusting it: the certificate is refused, so is the token.
+    let default = TestDp::start(cp.cluster, dir2.path(), "default").await;
+    wait_until(Duration::from_secs(3), "synced", || async {
+        default.revision(&client).await == Some(revision)
+    })
+    .await;
+    let status = client
+        .get(default.url("/jwt/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request")
+        .status();
+    assert_eq!(status, 401, "an untrusted certificate is refused");
+}

@@ -44,7 +44,11 @@ impl DataPlane {
                 "no TOLLGATE_REDIS_URL: rate limits and quotas are counted in this node's memory (single node)"
             );
         }
-        let jwks = crate::jwt::JwksRegistry::new(settings.jwks_min_refresh_ms);
+        let jwks = crate::jwt::JwksRegistry::new(
+            settings.jwks_min_refresh_ms,
+            crate::jwt::jwks_client(settings.jwks_ca_file.as_deref())
+                .context("TOLLGATE_JWKS_CA_FILE")?,
+        );
         let shared = Arc::new(Shared::new(settings.trusted_proxies.clone(), limiter, jwks));
         match crate::persist::load_snapshot(&settings.data_dir) {
             Ok(Some(snapshot)) => match crate::sync::apply(&shared, snapshot, None).await {

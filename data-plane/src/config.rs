@@ -306,7 +306,7 @@ pub fn compile(
         .jwt_issuers
         .iter()
         .map(|issuer| {
-            IssuerKeys::compile(&issuer.spec, jwks, &clients.get(2_000))
+            IssuerKeys::compile(&issuer.spec, jwks)
                 .map(|keys| (issuer.spec.name.clone(), Arc::new(keys)))
                 .map_err(|e| format!("JWT issuer '{}': {e}", issuer.spec.name))
         })

@@ -14,13 +14,54 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
-use http_body_util::{BodyExt, Either, Empty, Limited};
+use http_body_util::{BodyExt, Empty, Limited};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use tollgate_shared::JwtIssuer;
 
-use crate::config::UpstreamClient;
+/// The client JWKS documents are fetched with: http, or https verified against the Mozilla
+/// roots plus an optional extra CA file.
+pub type JwksClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<bytes::Bytes>,
+>;
+
+/// Builds the JWKS client; `extra_ca` is a PEM file of more trusted roots (an internal CA).
+pub fn jwks_client(extra_ca: Option<&std::path::Path>) -> anyhow::Result<JwksClient> {
+    use anyhow::Context;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+            let cert = cert.with_context(|| format!("reading {}", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate in {}", path.display()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(2)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
+}
 
 /// JWKS documents are refreshed this often in the background.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
@@ -30,7 +71,7 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// The keys of one JWKS URL, by `kid`.
 pub struct JwksCache {
     url: String,
-    client: UpstreamClient,
+    client: JwksClient,
     keys: ArcSwap<HashMap<String, Arc<DecodingKey>>>,
     last_attempt_ms: AtomicI64,
     min_refresh_ms: i64,
@@ -45,7 +86,7 @@ impl JwksCache {
         let uri: http::Uri = self.url.parse().map_err(|e| format!("bad JWKS URL: {e}"))?;
         let request = http::Request::get(uri)
             .header(http::header::ACCEPT, "application/json")
-            .body(Either::Right(Empty::new()))
+            .body(Empty::new())
             .map_err(|e| e.to_string())?;
         let response = tokio::time::timeout(Duration::from_secs(2), self.client.request(request))
             .await
@@ -96,19 +137,21 @@ impl JwksCache {
 pub struct JwksRegistry {
     caches: std::sync::Mutex<HashMap<String, Arc<JwksCache>>>,
     min_refresh_ms: i64,
+    client: JwksClient,
 }
 
 impl JwksRegistry {
     /// A registry whose caches refresh on unknown `kid`s at most every `min_refresh_ms`.
-    pub fn new(min_refresh_ms: u64) -> Self {
+    pub fn new(min_refresh_ms: u64, client: JwksClient) -> Self {
         Self {
             caches: std::sync::Mutex::default(),
             min_refresh_ms: i64::try_from(min_refresh_ms).unwrap_or(i64::MAX),
+            client,
         }
     }
 
     /// The cache for `url` (created empty; the first token or the refresher fills it).
-    pub fn get(&self, url: &str, client: &UpstreamClient) -> Arc<JwksCache> {
+    pub fn get(&self, url: &str) -> Arc<JwksCache> {
         let mut caches = self
             .caches
             .lock()
@@ -118,7 +161,7 @@ impl JwksRegistry {
             .or_insert_with(|| {
                 Arc::new(JwksCache {
                     url: url.to_string(),
-                    client: client.clone(),
+                    client: self.client.clone(),
                     keys: ArcSwap::from_pointee(HashMap::new()),
                     last_attempt_ms: AtomicI64::new(i64::MIN / 2),
                     min_refresh_ms: self.min_refresh_ms,
@@ -165,11 +208,7 @@ pub struct IssuerKeys {
 
 impl IssuerKeys {
     /// Parses the issuer's keys; a key that does not parse refuses the whole snapshot.
-    pub fn compile(
-        issuer: &JwtIssuer,
-        registry: &JwksRegistry,
-        client: &UpstreamClient,
-    ) -> Result<Self, String> {
+    pub fn compile(issuer: &JwtIssuer, registry: &JwksRegistry) -> Result<Self, String> {
         let algorithms = issuer
             .algorithms
             .iter()
@@ -192,10 +231,7 @@ impl IssuerKeys {
             .map_err(|e| format!("public_key_pem does not parse: {e}"))?;
             keys.push(key);
         }
-        let jwks = issuer
-            .jwks_url
-            .as_ref()
-            .map(|url| registry.get(url, client));
+        let jwks = issuer.jwks_url.as_ref().map(|url| registry.get(url));
         let mut validation = Validation::new(first);
         validation.algorithms = algorithms;
         validation.set_issuer(&[issuer.issuer.as_str()]);

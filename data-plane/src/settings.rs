@@ -54,6 +54,10 @@ pub struct Settings {
     /// Shortest time between two JWKS fetches triggered by unknown `kid`s, per JWKS URL.
     #[arg(long, env = "TOLLGATE_JWKS_MIN_REFRESH_MS", default_value_t = 10_000)]
     pub jwks_min_refresh_ms: u64,
+    /// PEM file of extra root certificates trusted for https JWKS URLs (an internal CA), on top
+    /// of the bundled Mozilla roots.
+    #[arg(long, env = "TOLLGATE_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, env = "TOLLGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,

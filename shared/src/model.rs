@@ -775,7 +775,7 @@ impl Validate for Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"],
-    "algorithms": ["RS256"], "jwks_url": "http://id.example/jwks.json"}))]
+    "algorithms": ["RS256"], "jwks_url": "https://id.example/jwks.json"}))]
 pub struct JwtIssuer {
     /// Unique name; routes refer to the issuer by it.
     pub name: String,
@@ -786,7 +786,8 @@ pub struct JwtIssuer {
     pub audiences: Vec<String>,
     /// Allowed signing algorithms; the token's own `alg` is never trusted beyond this list.
     pub algorithms: Vec<String>,
-    /// JWKS document URL (http), fetched and cached by data planes.
+    /// JWKS document URL (https, or http on a trusted network), fetched and cached by data
+    /// planes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// PEM public key for RS*/PS*/ES* algorithms.
@@ -897,12 +898,8 @@ impl Validate for JwtIssuer {
         }
         if let Some(jwks_url) = &self.jwks_url {
             match url::Url::parse(jwks_url) {
-                Ok(url) if url.scheme() == "http" => {}
-                Ok(url) if url.scheme() == "https" => errors.push(
-                    "jwks_url",
-                    "https is not supported yet: serve the JWKS over http on a trusted network",
-                ),
-                Ok(_) => errors.push("jwks_url", "scheme must be http"),
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                Ok(_) => errors.push("jwks_url", "scheme must be https or http"),
                 Err(error) => errors.push("jwks_url", format!("is not a valid URL: {error}")),
             }
         }
@@ -1032,7 +1029,7 @@ mod tests {
         );
         assert_eq!(
             problems::<JwtIssuer>(
-                json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"], "algorithms": ["RS256"], "jwks_url": "http://id.example/jwks.json"})
+                json!({"name": "corp", "issuer": "https://id.example", "audiences": ["api"], "algorithms": ["RS256"], "jwks_url": "https://id.example/jwks.json"})
             ),
             Vec::<String>::new()
         );

@@ -554,7 +554,22 @@ impl TestDp {
         redis_prefix: &str,
         redis_timeout_ms: u64,
     ) -> Self {
-        let settings = tollgate_data_plane::Settings {
+        Self::start_configured(cluster, dir, node_id, |settings| {
+            settings.redis_url = redis_url.map(Secret::new);
+            settings.redis_prefix = redis_prefix.to_string();
+            settings.redis_timeout_ms = redis_timeout_ms;
+        })
+        .await
+    }
+
+    /// Like [`TestDp::start`], with the settings adjusted by `configure`.
+    pub async fn start_configured(
+        cluster: std::net::SocketAddr,
+        dir: &std::path::Path,
+        node_id: &str,
+        configure: impl FnOnce(&mut tollgate_data_plane::Settings),
+    ) -> Self {
+        let mut settings = tollgate_data_plane::Settings {
             control_plane_url: format!("http://{cluster}"),
             cluster_token: Some(Secret::new(CLUSTER_TOKEN)),
             proxy_listen: "127.0.0.1:0".parse().expect("addr"),
@@ -565,11 +580,13 @@ impl TestDp {
             trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
             heartbeat_seconds: 1,
             max_header_bytes: 16 * 1024,
-            redis_url: redis_url.map(Secret::new),
-            redis_prefix: redis_prefix.to_string(),
+            redis_url: None,
+            redis_prefix: "tollgate".into(),
+            jwks_ca_file: None,
             jwks_min_refresh_ms: 100,
-            redis_timeout_ms,
+            redis_timeout_ms: 250,
         };
+        configure(&mut settings);
         let dp = tollgate_data_plane::DataPlane::build(&settings)
             .await
             .expect("data plane starts");
