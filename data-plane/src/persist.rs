@@ -14,8 +14,14 @@ const NODE_ID_FILE: &str = "node_id";
 pub fn save_snapshot(dir: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
     let temp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let bytes = serde_json::to_vec(snapshot).context("encoding the snapshot")?;
-    let mut file =
-        std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    // The snapshot holds HMAC secrets of JWT issuers: readable by this user only.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&temp)
+        .with_context(|| format!("creating {}", temp.display()))?;
     file.write_all(&bytes).context("writing the snapshot")?;
     file.sync_all().context("syncing the snapshot")?;
     drop(file);
@@ -72,6 +78,15 @@ mod tests {
         };
         save_snapshot(&dir, &snapshot).expect("save");
         assert_eq!(load_snapshot(&dir).expect("load"), Some(snapshot));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join(SNAPSHOT_FILE))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "only the owner may read the snapshot");
+        }
         let id = node_id(&dir, None).expect("id");
         assert_eq!(node_id(&dir, None).expect("id"), id);
         assert_eq!(node_id(&dir, Some("mine")).expect("id"), "mine");
