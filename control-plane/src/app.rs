@@ -193,9 +193,16 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    if settings.database_url.is_none() {
+    if settings.database_url.is_none() && !settings.data_dir.exists() {
+        // The embedded store holds JWT issuer secrets: a new data dir is the owner's only.
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+        #[cfg(unix)]
+        std::fs::set_permissions(
+            &settings.data_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .with_context(|| format!("restricting data dir {}", settings.data_dir.display()))?;
     }
     let store = Store::connect(&settings.database_url())
         .await
