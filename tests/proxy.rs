@@ -430,3 +430,87 @@ async fn http2_cleartext_is_served() {
     let seen = s.upstream.requests().pop().expect("seen");
     assert_eq!(seen.body_bytes, 4000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancing_choices_and_active_health_checks() {
+    let s = setup(&[]).await;
+    let other = TestUpstream::start("other").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "random", "load_balancing": "random",
+               "targets": [{"url": s.upstream.url(), "weight": 300}, {"url": other.url(), "weight": 100}]}),
+    )
+    .await;
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "least", "load_balancing": "least_connections",
+               "targets": [{"url": s.upstream.url()}, {"url": other.url()}]}),
+    )
+    .await;
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "checked", "targets": [{"url": s.upstream.url()}, {"url": format!("http://{closed}")}],
+               "health_check": {"path": "/health", "interval_seconds": 1, "timeout_ms": 200,
+                                "unhealthy_threshold": 1, "healthy_threshold": 1}}),
+    )
+    .await;
+    for name in ["random", "least", "checked"] {
+        s.cp.create(
+            "/routes",
+            json!({"name": name, "paths": [format!("/{name}")], "upstream": name, "strip_prefix": true}),
+        )
+        .await;
+    }
+    s.sync().await;
+
+    // Random, weighted 3:1.
+    let mut to_u = 0;
+    for _ in 0..200 {
+        let (_, body, _) = s.get("/random", &[]).await;
+        if body["upstream"] == "u" {
+            to_u += 1;
+        }
+    }
+    assert!(
+        (120..=180).contains(&to_u),
+        "weighted random sent {to_u} of 200 to the 3x target"
+    );
+
+    // Least connections: while one request is held by the first target, the rest go to the
+    // other one.
+    let held = {
+        let (client, url) = (s.client.clone(), s.dp.url("/least/slow/1000"));
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..6 {
+        let (status, body, _) = s.get("/least/quick", &[]).await;
+        assert_eq!((status, body["upstream"].as_str()), (200, Some("other")));
+    }
+    assert_eq!(held.await.expect("task").expect("held request"), 200);
+
+    // Health checks take the dead target out of rotation: then every request succeeds.
+    wait_until(
+        Duration::from_secs(5),
+        "dead target out of rotation",
+        || async {
+            let mut all_ok = true;
+            for _ in 0..4 {
+                all_ok &= s.get("/checked", &[]).await.0 == 200;
+            }
+            all_ok
+        },
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(s.get("/checked", &[]).await.0, 200);
+    }
+    assert!(
+        s.upstream.requests().iter().any(|r| r.path == "/health"),
+        "the live target is probed"
+    );
+}

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tollgate_shared::{HeaderTransform, Snapshot, Stored, Upstream};
+use tollgate_shared::{HeaderTransform, HealthCheck, LoadBalancing, Snapshot, Stored, Upstream};
 
 use crate::auth::{ConsumerRt, KeyIndex, PlanRt, RouteAuth};
 use crate::jwt::{IssuerKeys, JwksRegistry};
@@ -57,9 +57,15 @@ impl ClientCache {
     }
 }
 
-/// One target of an upstream, ready to address.
+/// One target of an upstream, ready to address, with its load and health.
 #[derive(Debug)]
 pub struct TargetRt {
+    /// Relative share of requests.
+    pub weight: usize,
+    /// Requests waiting for this target's response head (least connections).
+    pub in_flight: AtomicUsize,
+    /// Whether active health checks currently consider it healthy (true without checks).
+    pub healthy: AtomicBool,
     /// `host:port`.
     pub authority: Authority,
     /// `Host` header value sent when the route does not preserve the client's.
@@ -76,6 +82,10 @@ pub struct UpstreamPool {
     pub targets: Vec<TargetRt>,
     schedule: Vec<usize>,
     next: AtomicUsize,
+    /// How a target is picked.
+    pub algorithm: LoadBalancing,
+    /// Active health checking, when configured.
+    pub health_check: Option<HealthCheck>,
     /// Time allowed for the response head.
     pub request_timeout: Duration,
     /// Extra attempts on another target after a connect failure (bodyless requests only).
@@ -85,11 +95,54 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// The target for the next request (lock-free: one atomic increment).
+    /// The target for the next request, among healthy targets with a weight (all of them when
+    /// none is healthy: better to try than to refuse). Lock-free.
     pub fn pick(&self) -> &TargetRt {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len().max(1);
-        let index = self.schedule.get(slot).copied().unwrap_or(0);
-        &self.targets[index.min(self.targets.len() - 1)]
+        let usable = |t: &TargetRt| t.weight > 0 && t.healthy.load(Ordering::Relaxed);
+        let any_usable = self.targets.iter().any(usable);
+        let usable = |t: &TargetRt| !any_usable || usable(t);
+        let index = match self.algorithm {
+            LoadBalancing::RoundRobin => {
+                // The schedule is weighted; skip unusable slots (at most one full turn).
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..self.schedule.len())
+                    .map(|offset| self.schedule[(start + offset) % self.schedule.len()])
+                    .find(|i| usable(&self.targets[*i]))
+            }
+            LoadBalancing::Random => {
+                let total: usize = self
+                    .targets
+                    .iter()
+                    .filter(|t| usable(t))
+                    .map(|t| t.weight.max(1))
+                    .sum();
+                let mut ticket = rand::random::<u64>() as usize % total.max(1);
+                self.targets.iter().position(|t| {
+                    if !usable(t) {
+                        return false;
+                    }
+                    let share = t.weight.max(1);
+                    if ticket < share {
+                        true
+                    } else {
+                        ticket -= share;
+                        false
+                    }
+                })
+            }
+            LoadBalancing::LeastConnections => self
+                .targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| usable(t))
+                .min_by(|(_, a), (_, b)| {
+                    // in_flight / weight, compared without division.
+                    let load = |t: &TargetRt| t.in_flight.load(Ordering::Relaxed) as u128;
+                    (load(a) * b.weight.max(1) as u128).cmp(&(load(b) * a.weight.max(1) as u128))
+                })
+                .map(|(i, _)| i),
+        };
+        &self.targets[index.unwrap_or(0).min(self.targets.len() - 1)]
     }
 
     fn compile(upstream: &Upstream, clients: &ClientCache) -> Result<Self, String> {
@@ -114,6 +167,9 @@ impl UpstreamPool {
             let host_header = HeaderValue::from_str(authority.as_str())
                 .map_err(|e| format!("target '{}': {e}", target.url))?;
             targets.push(TargetRt {
+                weight: usize::try_from(target.weight).unwrap_or(0),
+                in_flight: AtomicUsize::new(0),
+                healthy: AtomicBool::new(true),
                 authority,
                 host_header,
                 base_path: uri.path().trim_end_matches('/').to_string(),
@@ -125,6 +181,8 @@ impl UpstreamPool {
             schedule: smooth_weighted_schedule(&weights),
             targets,
             next: AtomicUsize::new(0),
+            algorithm: upstream.load_balancing,
+            health_check: upstream.health_check.clone(),
             request_timeout: Duration::from_millis(
                 u64::try_from(upstream.timeouts.request_ms).unwrap_or(30_000),
             ),
@@ -259,6 +317,8 @@ pub struct CompiledRoute {
 
 /// A compiled snapshot: what one request sees from start to end.
 pub struct Compiled {
+    /// Upstream pools by name (the health checker walks them).
+    pub upstreams: Vec<Arc<UpstreamPool>>,
     /// Config revision.
     pub revision: i64,
     /// Content hash.
@@ -350,6 +410,7 @@ pub fn compile(
         .max()
         .unwrap_or(0);
     Ok(Compiled {
+        upstreams: upstreams.values().cloned().collect(),
         longest_window_ms,
         revision: snapshot.revision,
         hash,

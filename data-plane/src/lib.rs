@@ -6,6 +6,7 @@
 //! - [`sync`]: the sync client (receive, validate, compile, swap, persist, ack/nack).
 //! - [`config`]: compiling a snapshot into the runtime form (routes, upstream pools, keys).
 //! - [`router`]: path and host normalization, the compiled route table.
+//! - [`health`]: active health checks of upstream targets.
 //! - [`server`]: the proxy and status listeners.
 //! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
 //! - [`proxy`]: the request pipeline, phase by phase.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod framing;
+pub mod health;
 pub mod jwt;
 pub mod limiter;
 pub mod persist;

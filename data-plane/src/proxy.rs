@@ -21,7 +21,7 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 
-use tollgate_shared::{RateLimitBy, limits};
+use tollgate_shared::{LoadBalancing, RateLimitBy, limits};
 
 use crate::auth::ConsumerRt;
 use crate::config::{Compiled, CompiledRoute, UpstreamBody};
@@ -213,6 +213,8 @@ async fn proxy(
     let mut last_error = ProxyError::Unreachable;
     for attempt in 0..attempts {
         let target = pool.pick();
+        let _in_flight = (pool.algorithm == LoadBalancing::LeastConnections)
+            .then(|| InFlight::new(&target.in_flight));
         let uri = build_uri(&target.authority, &target.base_path, &forwarded_path, query)?;
         let mut upstream_headers = if attempt + 1 < attempts {
             headers.clone()
@@ -349,6 +351,22 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Counts a request against a target until its response head arrives (least connections).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The limits a request is checked against: the route's own, then its consumer's plan.

@@ -64,6 +64,7 @@ pub async fn apply(
     .await
     .map_err(|e| format!("compiling panicked: {e}"))??;
     let applied = (compiled.revision, compiled.hash.clone());
+    crate::health::watch(&compiled);
     shared.apply(Arc::new(compiled));
     Ok(applied)
 }
