@@ -248,6 +248,18 @@ async fn api_keys_authenticate_and_restrict() {
         "the key is stripped"
     );
 
+    // Data planes report key use with their heartbeats; the listing shows it.
+    wait_until(Duration::from_secs(5), "last use reported", || async {
+        let (_, keys) = s.cp.get("/consumers/alice/keys").await;
+        keys[0]["last_used_at"].is_string()
+    })
+    .await;
+    let (_, keys) = s.cp.get("/consumers/bob/keys").await;
+    assert!(
+        keys[0]["last_used_at"].is_null(),
+        "bob's key is unused so far"
+    );
+
     let (status, _, _) = s
         .get("/k/x", &[("Authorization", &format!("Bearer {bob_key}"))])
         .await;

@@ -504,6 +504,21 @@ impl Store {
         rows.iter().map(decode_key).collect()
     }
 
+    /// Records when keys were last used (reported by data planes; not a config write).
+    pub async fn record_key_use(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        for (id, at) in uses {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = $1 WHERE id = $2 \
+                 AND (last_used_at IS NULL OR last_used_at < $1)",
+            )
+            .bind(*at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Revokes a key of a consumer. Revoking a revoked key is a no-op that still succeeds.
     pub async fn revoke_key(
         &self,

@@ -281,7 +281,11 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
                         record.state = "nacked".into();
                         record.error = Some(format!("revision {revision}: {reason}"));
                     }
-                    Ok(DpMessage::Heartbeat { .. }) => {}
+                    Ok(DpMessage::Heartbeat { keys_used, .. }) => {
+                        if let Err(error) = state.store.record_key_use(&keys_used).await {
+                            tracing::warn!(%error, "cannot record API key use");
+                        }
+                    }
                     Ok(DpMessage::Hello { .. }) | Err(_) => {
                         tracing::warn!(node_id = %record.node_id, "unexpected sync message; closing");
                         break;

@@ -84,8 +84,12 @@ impl ConsumerRt {
 }
 
 struct KeyRt {
+    id: String,
     consumer: Arc<ConsumerRt>,
     expires_at: Option<i64>,
+    /// Last use (Unix ms), 0 when unused; reported to the control plane with heartbeats.
+    last_used_ms: std::sync::atomic::AtomicI64,
+    reported_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Active API keys by SHA-256 digest.
@@ -112,21 +116,41 @@ impl KeyIndex {
             keys.insert(
                 digest,
                 KeyRt {
+                    id: entry.id.clone(),
                     consumer: consumer.clone(),
                     expires_at: entry.expires_at,
+                    last_used_ms: std::sync::atomic::AtomicI64::new(0),
+                    reported_ms: std::sync::atomic::AtomicI64::new(0),
                 },
             );
         }
         Self { keys }
     }
 
-    fn lookup(&self, secret: &str, now: i64) -> Option<&Arc<ConsumerRt>> {
+    fn lookup(&self, secret: &str, now_ms: i64) -> Option<&Arc<ConsumerRt>> {
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
         let key = self.keys.get(&digest)?;
-        if key.expires_at.is_some_and(|at| at <= now) {
+        if key
+            .expires_at
+            .is_some_and(|at| at <= now_ms.div_euclid(1000))
+        {
             return None;
         }
+        key.last_used_ms
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
         Some(&key.consumer)
+    }
+
+    /// Keys used since the last call, with their last use (for the heartbeat).
+    pub fn take_used(&self) -> Vec<(String, i64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.keys
+            .values()
+            .filter_map(|key| {
+                let used = key.last_used_ms.load(Relaxed);
+                (used > key.reported_ms.swap(used, Relaxed)).then(|| (key.id.clone(), used))
+            })
+            .collect()
     }
 }
 
@@ -196,7 +220,6 @@ impl RouteAuth {
         keys: &KeyIndex,
         now_ms: i64,
     ) -> Result<Identity, ProxyError> {
-        let now = now_ms.div_euclid(1000);
         let bearer = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -219,7 +242,7 @@ impl RouteAuth {
                     strip.push(AUTHORIZATION);
                 }
                 let consumer = keys
-                    .lookup(secret, now)
+                    .lookup(secret, now_ms)
                     .ok_or(ProxyError::Unauthorized("invalid API key"))?;
                 identity = Some(Identity {
                     consumer: Some(consumer.clone()),

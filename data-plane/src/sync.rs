@@ -159,8 +159,12 @@ impl SyncClient {
                     if last_heard.elapsed() > self.heartbeat * 3 {
                         anyhow::bail!("control plane silent for {:?}", last_heard.elapsed());
                     }
-                    let revision = self.shared.config.load().as_ref().map(|c| c.revision);
-                    sink.send(Message::Text(serde_json::to_string(&DpMessage::Heartbeat { revision })?.into())).await?;
+                    let (revision, keys_used) = match self.shared.config.load_full() {
+                        Some(config) => (Some(config.revision), config.keys.take_used()),
+                        None => (None, Vec::new()),
+                    };
+                    let heartbeat = DpMessage::Heartbeat { revision, keys_used };
+                    sink.send(Message::Text(serde_json::to_string(&heartbeat)?.into())).await?;
                     sink.send(Message::Ping(Vec::new().into())).await?;
                 }
                 () = cancel.cancelled() => {

@@ -55,6 +55,9 @@ pub enum DpMessage {
     Heartbeat {
         /// Revision served.
         revision: Option<i64>,
+        /// API keys used since the previous heartbeat: (key id, last use in Unix ms).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keys_used: Vec<(String, i64)>,
     },
 }
 
