@@ -355,3 +355,59 @@ async fn redis_outage_follows_each_policy_and_recovers_without_restart() {
     }
     assert_eq!(admitted, 5, "exactly the limit, counted in Redis again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_limits_trust_forwarded_for_only_from_trusted_proxies() {
+    let prefix = redis_prefix();
+    let (c, _) = cluster(
+        &[],
+        &[json!({"name": "ip", "paths": ["/ip"], "upstream": "u",
+                 "rate_limit": {"requests": 2, "window_seconds": 60, "by": "ip"}})],
+        &[],
+        1, // this node does not trust the test client (127.0.0.1): X-Forwarded-For is ignored
+        Some((REDIS_URL, 250)),
+        &prefix,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let behind_lb = TestDp::start_configured(c.cp.cluster, dir.path(), "behind-lb", |settings| {
+        settings.trusted_proxies = vec!["127.0.0.1".parse().expect("cidr")];
+        settings.redis_url = Some(tollgate_shared::Secret::new(REDIS_URL));
+        settings.redis_prefix = prefix.clone();
+    })
+    .await;
+    let revision = c.cp.revision().await;
+    wait_until(Duration::from_secs(3), "synced", || async {
+        behind_lb.revision(&c.client).await == Some(revision)
+    })
+    .await;
+    let from = |dp: &TestDp, xff: &str| {
+        let request = c
+            .client
+            .get(dp.url("/ip"))
+            .header("X-Forwarded-For", xff.to_string());
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+
+    // Untrusted peer: a forged X-Forwarded-For does not buy a fresh counter.
+    let spoofed = [
+        from(&c.dps[0], "1.1.1.1").await,
+        from(&c.dps[0], "2.2.2.2").await,
+        from(&c.dps[0], "3.3.3.3").await,
+    ];
+    assert_eq!(spoofed, [200, 200, 429]);
+
+    // Behind a trusted proxy: each client address has its own counter; the nearest untrusted
+    // address of the chain is the client.
+    assert_eq!(from(&behind_lb, "9.9.9.1").await, 200);
+    assert_eq!(from(&behind_lb, "9.9.9.1").await, 200);
+    assert_eq!(from(&behind_lb, "9.9.9.1").await, 429);
+    assert_eq!(
+        from(&behind_lb, "8.8.8.8, 9.9.9.2").await,
+        200,
+        "9.9.9.2 is the client"
+    );
+    assert_eq!(from(&behind_lb, "9.9.9.2").await, 200);
+    assert_eq!(from(&behind_lb, "7.7.7.7, 9.9.9.2").await, 429);
+    redis_cleanup(&prefix).await;
+}
