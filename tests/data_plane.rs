@@ -187,11 +187,7 @@ async fn data_plane_survives_control_plane_outage_and_restart() {
         json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
     )
     .await;
-    let revision = cp.revision().await;
-    wait_until(Duration::from_secs(2), "route served", || async {
-        dp.revision(&client).await == Some(revision)
-    })
-    .await;
+    let revision = dp.synced_with(&cp).await;
 
     // Control plane gone: every request still succeeds.
     let (token, db) = (cp.token.clone(), cp.stop().await);

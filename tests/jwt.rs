@@ -146,11 +146,7 @@ async fn jwt_tokens_are_verified_and_bad_ones_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
     let client = reqwest::Client::new();
-    let revision = cp.revision().await;
-    wait_until(Duration::from_secs(3), "synced", || async {
-        dp.revision(&client).await == Some(revision)
-    })
-    .await;
+    dp.synced_with(&cp).await;
     let call = |path: &'static str, token: String| {
         let (client, url) = (client.clone(), dp.url(path));
         async move {
@@ -442,7 +438,6 @@ async fn jwks_over_https_is_verified_against_the_configured_ca() {
     cp.create("/routes", json!({"name": "jwt", "paths": ["/jwt"], "upstream": "u", "auth": {"jwt": {"issuers": ["tls"]}}}))
         .await;
     let client = reqwest::Client::new();
-    let revision = cp.revision().await;
     let token = token(
         RSA1_KEY,
         Some("tls-1"),
@@ -458,10 +453,7 @@ async fn jwks_over_https_is_verified_against_the_configured_ca() {
         settings.jwks_ca_file = Some(ca_file.clone());
     })
     .await;
-    wait_until(Duration::from_secs(3), "synced", || async {
-        trusting.revision(&client).await == Some(revision)
-    })
-    .await;
+    trusting.synced_with(&cp).await;
     let status = client
         .get(trusting.url("/jwt/x"))
         .bearer_auth(&token)
@@ -473,10 +465,7 @@ async fn jwks_over_https_is_verified_against_the_configured_ca() {
 
     // Not trusting it: the certificate is refused, so is the token.
     let default = TestDp::start(cp.cluster, dir2.path(), "default").await;
-    wait_until(Duration::from_secs(3), "synced", || async {
-        default.revision(&client).await == Some(revision)
-    })
-    .await;
+    default.synced_with(&cp).await;
     let status = client
         .get(default.url("/jwt/x"))
         .bearer_auth(&token)

@@ -73,12 +73,8 @@ async fn cluster(
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let revision = cp.revision().await;
     for dp in &dps {
-        wait_until(Duration::from_secs(3), "data plane synced", || async {
-            dp.revision(&client).await == Some(revision)
-        })
-        .await;
+        dp.synced_with(&cp).await;
     }
     (
         Cluster {
@@ -376,11 +372,7 @@ async fn ip_limits_trust_forwarded_for_only_from_trusted_proxies() {
         settings.redis_prefix = prefix.clone();
     })
     .await;
-    let revision = c.cp.revision().await;
-    wait_until(Duration::from_secs(3), "synced", || async {
-        behind_lb.revision(&c.client).await == Some(revision)
-    })
-    .await;
+    behind_lb.synced_with(&c.cp).await;
     let from = |dp: &TestDp, xff: &str| {
         let request = c
             .client

@@ -48,11 +48,7 @@ async fn setup(routes: &[Value]) -> Setup {
 impl Setup {
     /// Waits until the data plane serves the control plane's current revision.
     async fn sync(&self) {
-        let revision = self.cp.revision().await;
-        wait_until(Duration::from_secs(3), "data plane synced", || async {
-            self.dp.revision(&self.client).await == Some(revision)
-        })
-        .await;
+        self.dp.synced_with(&self.cp).await;
     }
 
     async fn get(

@@ -620,6 +620,19 @@ impl TestDp {
         format!("http://{}{path}", self.proxy)
     }
 
+    /// Waits (up to 3 s) until the node serves `cp`'s current revision, and returns it.
+    pub async fn synced_with(&self, cp: &TestApp) -> i64 {
+        let revision = cp.revision().await;
+        let client = reqwest::Client::new();
+        wait_until(
+            Duration::from_secs(3),
+            "data plane at the control plane's revision",
+            || async { self.revision(&client).await == Some(revision) },
+        )
+        .await;
+        revision
+    }
+
     /// The revision the node serves, from `/readyz` (None while not ready).
     pub async fn revision(&self, client: &reqwest::Client) -> Option<i64> {
         let response = client
