@@ -16,6 +16,7 @@ on_both_backends!(
     admin_token_is_required,
     generated_admin_token_is_printed_once_and_works,
     jwt_issuer_secret_is_write_only,
+    declarative_config_exports_and_applies_whole,
 );
 
 fn upstream(name: &str) -> Value {
@@ -619,4 +620,104 @@ impl TestApp {
         self.post(&format!("/consumers/{consumer}/keys"), body)
             .await
     }
+}
+
+async fn declarative_config_exports_and_applies_whole(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create("/upstreams", upstream("old")).await;
+    app.create("/upstreams", upstream("kept")).await;
+    app.create("/routes", route("old-route", "old")).await;
+    app.create("/consumers", json!({"username": "leaving"}))
+        .await;
+    app.post("/consumers/leaving/keys", json!({})).await;
+    let secret = "hs-secret-hs-secret-hs-secret-hs-secret";
+    app.create(
+        "/jwt-issuers",
+        json!({"name": "hs", "issuer": "me", "algorithms": ["HS256"], "secret": secret}),
+    )
+    .await;
+
+    let (status, exported) = app.get("/config").await;
+    assert_eq!(status, 200);
+    assert_eq!(exported["upstreams"].as_array().map(Vec::len), Some(2));
+    assert!(
+        !exported.to_string().contains(secret),
+        "secrets are never exported"
+    );
+
+    // Applying the export changes nothing and keeps the secret.
+    let before = app.revision().await;
+    let (status, diff) = app.put("/config", exported.clone()).await;
+    assert_eq!(status, 200, "{diff}");
+    assert_eq!(
+        (
+            diff["created"].clone(),
+            diff["updated"].clone(),
+            diff["deleted"].clone()
+        ),
+        (json!([]), json!([]), json!([]))
+    );
+    assert_eq!(app.revision().await, before, "no change, no revision");
+
+    // The desired state: one upstream changed, one gone, one new; the route moves; the
+    // consumer is gone (with its key).
+    let mut desired = exported.clone();
+    desired["upstreams"] = json!([
+        {"name": "kept", "targets": [{"url": "http://10.0.0.5:9001"}], "retries": 2},
+        {"name": "new", "targets": [{"url": "http://10.0.0.6:9001"}]}
+    ]);
+    desired["routes"] = json!([{"name": "new-route", "paths": ["/n"], "upstream": "new"}]);
+    desired["consumers"] = json!([]);
+    let (status, diff) = app
+        .send(reqwest::Method::PUT, "/config?dry_run=true", Some(&desired))
+        .await;
+    assert_eq!(status, 200, "{diff}");
+    assert_eq!(diff["created"], json!(["upstream/new", "route/new-route"]));
+    assert_eq!(diff["updated"], json!(["upstream/kept"]));
+    assert_eq!(
+        diff["deleted"],
+        json!(["upstream/old", "route/old-route", "consumer/leaving"])
+    );
+    assert_eq!(app.revision().await, before, "a dry run writes nothing");
+    assert_eq!(app.get("/upstreams/old").await.0, 200);
+
+    let (status, diff) = app.put("/config", desired.clone()).await;
+    assert_eq!(status, 200, "{diff}");
+    assert_eq!(
+        diff["revision"],
+        before + 1,
+        "one revision for the whole apply"
+    );
+    assert_eq!(app.revision().await, before + 1);
+    assert_eq!(app.get("/upstreams/old").await.0, 404);
+    assert_eq!(app.get("/upstreams/kept").await.1["retries"], 2);
+    assert_eq!(app.get("/routes/new-route").await.1["upstream"], "new");
+    assert_eq!(app.get("/consumers/leaving").await.0, 404);
+    assert_eq!(app.db.scalar("SELECT COUNT(*) FROM api_keys").await, 0);
+    // The HS issuer still validates: its secret was kept.
+    let (status, body) = app
+        .patch("/jwt-issuers/hs", json!({"leeway_seconds": 3}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let after = app.revision().await;
+
+    // An invalid document is refused whole, every problem with its path.
+    let mut broken = desired.clone();
+    broken["routes"] = json!([{"name": "r", "paths": ["nope"], "upstream": "missing"}]);
+    broken["upstreams"][0]["targets"] = json!([]);
+    let (status, body) = app.put("/config", broken).await;
+    problem(
+        status,
+        &body,
+        422,
+        "routes[0].paths[0]: must start with '/'",
+    );
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("routes[0].upstream: unknown upstream 'missing'"),
+        "{detail}"
+    );
+    assert!(detail.contains("upstreams[0].targets"), "{detail}");
+    assert_eq!(app.revision().await, after, "nothing written");
+    assert_eq!(app.get("/routes/new-route").await.0, 200);
 }

@@ -44,6 +44,8 @@ const CONTRACT: &[(&str, &str)] = &[
     ("delete", "/admin/v1/jwt-issuers/{id}"),
     ("get", "/admin/v1/status"),
     ("get", "/admin/v1/data-planes"),
+    ("get", "/admin/v1/config"),
+    ("put", "/admin/v1/config"),
 ];
 
 fn collect_refs(value: &Value, refs: &mut Vec<String>) {

@@ -15,8 +15,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::Notify;
 use tollgate_shared::{
-    ApiKeyDigest, ApiKeyEntry, Consumer, JwtIssuer, Plan, Reference, ResourceKind, Route, Snapshot,
-    Stored, Upstream, Validate, ValidationErrors, validate::Collector,
+    ApiKeyDigest, ApiKeyEntry, Consumer, DeclarativeConfig, JwtIssuer, Plan, Reference,
+    ResourceKind, Route, Snapshot, Stored, Upstream, Validate, ValidationErrors,
+    validate::Collector,
 };
 
 /// Which database a store talks to.
@@ -437,6 +438,155 @@ impl Store {
         Ok(())
     }
 
+    // ------------------------------------------------------------ declarative config
+
+    /// The whole configuration as one document (HMAC secrets left out).
+    pub async fn export(&self) -> Result<DeclarativeConfig, StoreError> {
+        let snapshot = self.snapshot().await?;
+        Ok(DeclarativeConfig {
+            upstreams: snapshot.upstreams.into_iter().map(|s| s.spec).collect(),
+            routes: snapshot.routes.into_iter().map(|s| s.spec).collect(),
+            consumers: snapshot.consumers.into_iter().map(|s| s.spec).collect(),
+            plans: snapshot.plans.into_iter().map(|s| s.spec).collect(),
+            jwt_issuers: snapshot
+                .jwt_issuers
+                .into_iter()
+                .map(|s| s.spec.redacted())
+                .collect(),
+        })
+    }
+
+    /// Makes the stored configuration equal to `desired` in one transaction and one revision:
+    /// resources it does not name are deleted (a consumer's keys with it). Validation covers the
+    /// whole document, references included, with paths such as `routes[3].upstream`. With
+    /// `dry_run`, or when nothing differs, nothing is written and the revision stays.
+    pub async fn apply(
+        &self,
+        mut desired: DeclarativeConfig,
+        dry_run: bool,
+    ) -> Result<ConfigDiff, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let revision = bump(&mut tx).await?;
+        let current_issuers = list_in::<JwtIssuer>(&mut tx).await?;
+        // An issuer applied without its secret (as exported) keeps the stored one.
+        for issuer in &mut desired.jwt_issuers {
+            let no_key = issuer.secret.is_none()
+                && issuer.public_key_pem.is_none()
+                && issuer.jwks_url.is_none();
+            if no_key
+                && let Some(stored) = current_issuers.iter().find(|s| s.spec.name == issuer.name)
+            {
+                issuer.secret.clone_from(&stored.spec.secret);
+            }
+        }
+        fn placeholder<T>(spec: T) -> Stored<T> {
+            Stored {
+                id: String::new(),
+                created_at: String::new(),
+                updated_at: String::new(),
+                revision: 0,
+                spec,
+            }
+        }
+        let candidate = Snapshot {
+            revision,
+            upstreams: desired.upstreams.iter().cloned().map(placeholder).collect(),
+            routes: desired.routes.iter().cloned().map(placeholder).collect(),
+            consumers: desired.consumers.iter().cloned().map(placeholder).collect(),
+            plans: desired.plans.iter().cloned().map(placeholder).collect(),
+            jwt_issuers: desired
+                .jwt_issuers
+                .iter()
+                .cloned()
+                .map(placeholder)
+                .collect(),
+            api_keys: Vec::new(),
+        };
+        candidate.check().map_err(StoreError::Invalid)?;
+
+        let mut diff = ConfigDiff::default();
+        let mut writes = Vec::new();
+        plan_kind(&mut tx, &desired.upstreams, &mut diff, &mut writes).await?;
+        plan_kind(&mut tx, &desired.routes, &mut diff, &mut writes).await?;
+        plan_kind(&mut tx, &desired.consumers, &mut diff, &mut writes).await?;
+        plan_kind(&mut tx, &desired.plans, &mut diff, &mut writes).await?;
+        plan_kind(&mut tx, &desired.jwt_issuers, &mut diff, &mut writes).await?;
+        if dry_run || writes.is_empty() {
+            tx.rollback().await?;
+            diff.revision = self.revision().await?;
+            return Ok(diff);
+        }
+        let now = now_ms();
+        for write in &writes {
+            match write {
+                Write::Delete { kind, id } => {
+                    sqlx::query("DELETE FROM objects WHERE kind = $1 AND id = $2")
+                        .bind(kind.as_str())
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    if *kind == ResourceKind::Consumer {
+                        sqlx::query("DELETE FROM api_keys WHERE consumer_id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                Write::Update {
+                    kind,
+                    id,
+                    name,
+                    body,
+                } => {
+                    sqlx::query(
+                        "UPDATE objects SET name = $1, body = $2, updated_at = $3, revision = $4 \
+                         WHERE kind = $5 AND id = $6",
+                    )
+                    .bind(name)
+                    .bind(body)
+                    .bind(now)
+                    .bind(revision)
+                    .bind(kind.as_str())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Write::Create { kind, name, body } => {
+                    sqlx::query(
+                        "INSERT INTO objects (kind, id, name, body, created_at, updated_at, revision) \
+                         VALUES ($1, $2, $3, $4, $5, $5, $6)",
+                    )
+                    .bind(kind.as_str())
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .bind(name)
+                    .bind(body)
+                    .bind(now)
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unique_to_conflict)?;
+                }
+            }
+        }
+        let summary = format!(
+            "{} created, {} updated, {} deleted",
+            diff.created.len(),
+            diff.updated.len(),
+            diff.deleted.len()
+        );
+        sqlx::query(
+            "INSERT INTO changes (revision, at, action, kind, object_id, name) VALUES ($1, $2, 'apply', 'config', '', $3)",
+        )
+        .bind(revision)
+        .bind(now)
+        .bind(summary)
+        .execute(&mut *tx)
+        .await?;
+        self.commit(tx, revision).await?;
+        diff.revision = revision;
+        Ok(diff)
+    }
+
     // ------------------------------------------------------------ API keys
 
     /// Stores a new key for consumer `consumer_key` (id or username).
@@ -844,6 +994,84 @@ async fn refuse_if_referenced(
             referrers.join(", ")
         )))
     }
+}
+
+/// What applying a declarative config changes.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ConfigDiff {
+    /// The revision after the apply (unchanged for a dry run or when nothing differs).
+    pub revision: i64,
+    /// Resources created, as `kind/name`.
+    pub created: Vec<String>,
+    /// Resources whose definition changes.
+    pub updated: Vec<String>,
+    /// Resources deleted (a consumer's API keys go with it).
+    pub deleted: Vec<String>,
+}
+
+enum Write {
+    Create {
+        kind: ResourceKind,
+        name: String,
+        body: String,
+    },
+    Update {
+        kind: ResourceKind,
+        id: String,
+        name: String,
+        body: String,
+    },
+    Delete {
+        kind: ResourceKind,
+        id: String,
+    },
+}
+
+/// Compares the desired resources of one kind with the stored ones, by name.
+async fn plan_kind<R: Resource>(
+    tx: &mut Tx,
+    desired: &[R],
+    diff: &mut ConfigDiff,
+    writes: &mut Vec<Write>,
+) -> Result<(), StoreError> {
+    let kind = R::KIND;
+    let current = list_in::<R>(tx).await?;
+    for spec in desired {
+        let body = encode(spec);
+        match current.iter().find(|c| c.spec.name() == spec.name()) {
+            Some(stored) if encode(&stored.spec) == body => {}
+            Some(stored) => {
+                diff.updated
+                    .push(format!("{}/{}", kind.as_str(), spec.name()));
+                writes.push(Write::Update {
+                    kind,
+                    id: stored.id.clone(),
+                    name: spec.name().to_string(),
+                    body,
+                });
+            }
+            None => {
+                diff.created
+                    .push(format!("{}/{}", kind.as_str(), spec.name()));
+                writes.push(Write::Create {
+                    kind,
+                    name: spec.name().to_string(),
+                    body,
+                });
+            }
+        }
+    }
+    for stored in &current {
+        if !desired.iter().any(|d| d.name() == stored.spec.name()) {
+            diff.deleted
+                .push(format!("{}/{}", kind.as_str(), stored.spec.name()));
+            writes.push(Write::Delete {
+                kind,
+                id: stored.id.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- encoding

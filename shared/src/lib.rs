@@ -18,9 +18,10 @@ pub mod sync;
 pub mod validate;
 
 pub use model::{
-    ApiKeyAuth, AuthPolicy, Consumer, FailurePolicy, HeaderTransform, HealthCheck, JwtAuth,
-    JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit, RateLimitBy,
-    Reference, ResourceKind, Route, RouteRateLimit, Stored, Target, Timeouts, Transforms, Upstream,
+    ApiKeyAuth, AuthPolicy, Consumer, DeclarativeConfig, FailurePolicy, HeaderTransform,
+    HealthCheck, JwtAuth, JwtIssuer, LoadBalancing, PathMatch, Plan, Quota, QuotaPeriod, RateLimit,
+    RateLimitBy, Reference, ResourceKind, Route, RouteRateLimit, Stored, Target, Timeouts,
+    Transforms, Upstream,
 };
 pub use secret::Secret;
 pub use snapshot::{ApiKeyDigest, ApiKeyEntry, Snapshot};

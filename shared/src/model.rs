@@ -1108,3 +1108,31 @@ mod tests {
         assert!(result.is_err());
     }
 }
+
+// ---------------------------------------------------------------- declarative config
+
+/// The whole configuration as one document (`GET`/`PUT /admin/v1/config`): every resource by
+/// name, without ids or timestamps. API keys are not part of it (their secrets exist once).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"upstreams": [{"name": "users", "targets": [{"url": "http://10.0.0.5:9001"}]}],
+    "routes": [{"name": "users", "paths": ["/users"], "upstream": "users"}],
+    "consumers": [], "plans": [], "jwt_issuers": []}))]
+pub struct DeclarativeConfig {
+    /// Upstreams.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Consumers.
+    #[serde(default)]
+    pub consumers: Vec<Consumer>,
+    /// Plans.
+    #[serde(default)]
+    pub plans: Vec<Plan>,
+    /// JWT issuers (HMAC secrets are never exported; an issuer applied without one keeps the
+    /// stored secret).
+    #[serde(default)]
+    pub jwt_issuers: Vec<JwtIssuer>,
+}

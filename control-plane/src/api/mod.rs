@@ -3,6 +3,7 @@
 //! Every `/admin/v1` route is collected through `utoipa_axum::routes!`, so a route cannot be
 //! served without appearing in `/openapi.json`.
 
+mod config;
 mod data_planes;
 pub mod keys;
 mod resources;
@@ -42,6 +43,7 @@ use crate::extract::MAX_BODY_BYTES;
         (name = "plans", description = "Rate limits and quotas"),
         (name = "jwt-issuers", description = "Trusted JWT issuers"),
         (name = "data-planes", description = "Proxy nodes and their config sync state"),
+        (name = "config", description = "The whole configuration as one document"),
         (name = "status", description = "Control-plane health"),
     )
 )]
@@ -111,6 +113,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         ))
         .routes(routes!(status::status))
         .routes(routes!(data_planes::list))
+        .routes(routes!(config::export, config::apply))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_admin));
 
