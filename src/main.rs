@@ -1,5 +1,6 @@
 //! The `tollgate` binary: a thin dispatcher over the control-plane and data-plane crates.
 
+mod admin_client;
 mod echo;
 mod quickstart;
 
@@ -31,6 +32,10 @@ enum Command {
     Quickstart(quickstart::Options),
     /// Apply pending database migrations and exit.
     Migrate(tollgate_control_plane::Settings),
+    /// Print the whole configuration as one JSON document (from a running control plane).
+    Export(admin_client::AdminApi),
+    /// Make the configuration equal to a JSON document (as `export` prints it).
+    Apply(admin_client::ApplyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +96,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Quickstart(options) => quickstart::run(options, shutdown_signal()).await,
+        Command::Export(api) => admin_client::export(&api).await,
+        Command::Apply(args) => admin_client::apply(&args).await,
         Command::Migrate(settings) => {
             tollgate_control_plane::app::migrate(&settings).await?;
             tracing::info!(database = %settings.database_url_redacted(), "migrations applied");

@@ -266,3 +266,65 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     );
     drop(process);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_apply_commands_round_trip_the_config() {
+    let cp = TestApp::spawn(Backend::Sqlite).await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "a", "targets": [{"url": "http://10.0.0.1:80"}]}),
+    )
+    .await;
+    let run = |args: Vec<String>, token: String| {
+        let base = cp.base.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(BINARY)
+                .args(&args)
+                .env("TOLLGATE_ADMIN_URL", base)
+                .env("TOLLGATE_ADMIN_TOKEN", token)
+                .env("TOLLGATE_LOG", "warn")
+                .output()
+                .expect("runs")
+        })
+    };
+    let exported = run(vec!["export".into()], cp.token.clone())
+        .await
+        .expect("task");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let mut document: Value = serde_json::from_slice(&exported.stdout).expect("export prints JSON");
+    assert_eq!(document["upstreams"][0]["name"], "a");
+
+    document["upstreams"][0]["name"] = json!("b");
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, document.to_string()).expect("write");
+    let file = file.display().to_string();
+    let before = cp.revision().await;
+    let dry = run(
+        vec!["apply".into(), file.clone(), "--dry-run".into()],
+        cp.token.clone(),
+    )
+    .await
+    .expect("task");
+    let diff: Value = serde_json::from_slice(&dry.stdout).expect("diff JSON");
+    assert_eq!(diff["created"], json!(["upstream/b"]));
+    assert_eq!(diff["deleted"], json!(["upstream/a"]));
+    assert_eq!(cp.revision().await, before);
+
+    let applied = run(vec!["apply".into(), file.clone()], cp.token.clone())
+        .await
+        .expect("task");
+    assert!(applied.status.success());
+    assert_eq!(cp.revision().await, before + 1);
+    assert_eq!(cp.get("/upstreams/b").await.0, 200);
+
+    let refused = run(vec!["apply".into(), file], "wrong-token-0123456789".into())
+        .await
+        .expect("task");
+    assert!(!refused.status.success(), "a wrong token fails the command");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+}
