@@ -522,3 +522,38 @@ async fn load_balancing_choices_and_active_health_checks() {
         "the live target is probed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_limits_hold_with_and_without_content_length() {
+    let s = setup(&[
+        json!({"name": "capped", "paths": ["/capped"], "upstream": "u", "max_body_bytes": 1000}),
+    ])
+    .await;
+    let chunked = |chunks: usize| {
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'c'; 400]))),
+        );
+        reqwest::Body::wrap_stream(stream)
+    };
+    let post = |body: reqwest::Body| {
+        let request = s.client.post(s.dp.url("/capped")).body(body);
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body["code"].as_str().map(str::to_string))
+        }
+    };
+    // Declared too large: refused before anything is forwarded.
+    let before = s.upstream.requests().len();
+    assert_eq!(
+        post(reqwest::Body::from(vec![b'x'; 5000])).await,
+        (413, Some("body_too_large".into()))
+    );
+    assert_eq!(s.upstream.requests().len(), before);
+    // Chunked, no length: refused once the limit is crossed.
+    assert_eq!(post(chunked(5)).await, (413, Some("body_too_large".into())));
+    // Within the limit: forwarded whole.
+    assert_eq!(post(chunked(2)).await.0, 200);
+    assert_eq!(s.upstream.requests().pop().expect("seen").body_bytes, 800);
+}

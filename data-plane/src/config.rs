@@ -23,8 +23,66 @@ use crate::auth::{ConsumerRt, KeyIndex, PlanRt, RouteAuth};
 use crate::jwt::{IssuerKeys, JwksRegistry};
 use crate::router::RouteTable;
 
-/// Body type sent upstream: the client's streaming body, or nothing (then retries are safe).
-pub type UpstreamBody = http_body_util::Either<hyper::body::Incoming, Empty<Bytes>>;
+/// Body type sent upstream: the client's streaming body (capped at the route's
+/// `max_body_bytes`), or nothing (then retries are safe).
+pub type UpstreamBody = http_body_util::Either<CappedBody, Empty<Bytes>>;
+
+/// A request body that fails once more than its limit has streamed through, so a chunked
+/// body cannot exceed `max_body_bytes` either (the proxy then answers 413).
+pub struct CappedBody {
+    inner: hyper::body::Incoming,
+    remaining: u64,
+}
+
+/// The error a [`CappedBody`] fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than the route allows")]
+pub struct BodyOverLimit;
+
+impl CappedBody {
+    /// Caps `inner` at `limit` bytes (`None`: no cap).
+    pub fn new(inner: hyper::body::Incoming, limit: Option<u64>) -> Self {
+        Self {
+            inner,
+            remaining: limit.unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl hyper::body::Body for CappedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let size = frame.data_ref().map_or(0, |data| data.len() as u64);
+                if size > self.remaining {
+                    return std::task::Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
+                }
+                self.remaining -= size;
+                std::task::Poll::Ready(Some(Ok(frame)))
+            }
+            std::task::Poll::Ready(Some(Err(error))) => {
+                std::task::Poll::Ready(Some(Err(Box::new(error))))
+            }
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 /// The pooled keep-alive client used for one connect timeout.
 pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tollgate_shared::{LoadBalancing, RateLimitBy, limits};
 
 use crate::auth::ConsumerRt;
-use crate::config::{Compiled, CompiledRoute, UpstreamBody};
+use crate::config::{BodyOverLimit, CappedBody, Compiled, CompiledRoute, UpstreamBody};
 use crate::error::ProxyError;
 use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
@@ -228,7 +228,7 @@ async fn proxy(
                 .unwrap_or_else(|| target.host_header.clone()),
         );
         let upstream_body: UpstreamBody = match body.take() {
-            Some(incoming) => Either::Left(incoming),
+            Some(incoming) => Either::Left(CappedBody::new(incoming, route.max_body_bytes)),
             None => Either::Right(Empty::new()),
         };
         let mut upstream_request = Request::new(upstream_body);
@@ -243,6 +243,11 @@ async fn proxy(
             Err(_) => return Err(ProxyError::Timeout),
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %pool.name, target = %target.authority, attempt, "upstream request failed");
+                if let Some(max) = route.max_body_bytes
+                    && caused_by::<BodyOverLimit>(&error)
+                {
+                    return Err(ProxyError::BodyTooLarge(max));
+                }
                 last_error = ProxyError::Unreachable;
                 if !error.is_connect() {
                     break;
@@ -351,6 +356,18 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Whether `error` or anything in its source chain is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<E>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// Counts a request against a target until its response head arrives (least connections).
