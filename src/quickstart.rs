@@ -121,7 +121,8 @@ pub async fn run(
     .context("starting the data plane")?;
     let proxy = data_plane.proxy_addr();
     let status = data_plane.status_addr();
-    let ready = data_plane.readiness();
+    let served = data_plane.served_revision();
+    let revision = store.revision().await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -131,10 +132,10 @@ pub async fn run(
     let dp_task = tokio::spawn(data_plane.run_until_stopped(stopped(stop_rx)));
     // The banner's curl lines must work the moment it is printed.
     let waited = std::time::Instant::now();
-    while !ready() {
+    while served() != Some(revision) {
         anyhow::ensure!(
             waited.elapsed() < std::time::Duration::from_secs(30),
-            "the data plane got no config in 30 s"
+            "the data plane did not get the demo config in 30 s"
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

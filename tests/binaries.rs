@@ -214,13 +214,21 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
         .build()
         .expect("client");
     let base = format!("http://{proxy}");
-    wait_until(Duration::from_secs(15), "data plane ready", || async {
-        client
-            .get(format!("http://{status}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    // Ready is not enough: the node must serve the revision that has the route.
+    let revision = cp.revision().await;
+    wait_until(
+        Duration::from_secs(15),
+        "data plane at the current revision",
+        || async {
+            let Ok(response) = client.get(format!("http://{status}/readyz")).send().await else {
+                return false;
+            };
+            response
+                .json::<Value>()
+                .await
+                .is_ok_and(|ready| ready["revision"] == revision)
+        },
+    )
     .await;
     let (_, baseline) = memory_kib(pid);
 

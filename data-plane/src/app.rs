@@ -95,11 +95,11 @@ impl DataPlane {
         })
     }
 
-    /// A handle that tells whether a config is loaded, usable after `run_until_stopped` took
-    /// the data plane.
-    pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+    /// A handle that tells which revision the node serves (None before any config), usable
+    /// after `run_until_stopped` took the data plane.
+    pub fn served_revision(&self) -> impl Fn() -> Option<i64> + Send + Sync + 'static {
         let shared = self.shared.clone();
-        move || shared.config.load().is_some()
+        move || shared.config.load().as_ref().map(|c| c.revision)
     }
 
     /// The clock limits are computed with (tests move it across quota periods).
