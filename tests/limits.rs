@@ -115,7 +115,11 @@ async fn plan_limit_is_exact_across_two_data_planes() {
             json!({"name": "three", "rate_limit": {"requests": 3, "window_seconds": 60}}),
         ],
         &[json!({"name": "api", "paths": ["/api"], "upstream": "u", "auth": {"api_key": {}}})],
-        &[("burst", Some("ten")), ("steady", Some("three"))],
+        &[
+            ("burst", Some("ten")),
+            ("steady", Some("three")),
+            ("sticky", Some("three")),
+        ],
         2,
         Some((REDIS_URL, 250)),
         &prefix,
@@ -167,6 +171,23 @@ async fn plan_limit_is_exact_across_two_data_planes() {
     }
     let refused = c.get(1, "/api/x", Some(&keys[1])).await;
     assert_eq!(refused.status(), 429);
+
+    // A client repeating one X-Request-Id gets no extra admissions.
+    let mut admitted = 0;
+    for i in 0..6 {
+        let response = c
+            .client
+            .get(c.dps[i % 2].url("/api/x"))
+            .header("X-API-Key", &keys[2])
+            .header("X-Request-Id", "always-the-same")
+            .send()
+            .await
+            .expect("request");
+        if response.status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 3, "the limit counts requests, not request ids");
     let body: Value = refused.json().await.expect("json");
     assert_eq!(body["code"], "rate_limited");
     redis_cleanup(&prefix).await;

@@ -289,6 +289,11 @@ pub struct Limiter {
     pub live_nodes: AtomicU64,
     /// Requests decided by a failure policy.
     pub degraded: AtomicU64,
+    /// Random per process: with `sequence`, names each admission uniquely in the sliding-window
+    /// sets. Never derived from the request (a client repeating an `X-Request-Id` must not be
+    /// able to collapse its admissions into one).
+    node_nonce: u64,
+    sequence: AtomicU64,
 }
 
 impl Limiter {
@@ -301,7 +306,17 @@ impl Limiter {
             memory: MemoryLimiter::default(),
             live_nodes: AtomicU64::new(1),
             degraded: AtomicU64::new(0),
+            node_nonce: rand::random(),
+            sequence: AtomicU64::new(0),
         }
+    }
+
+    fn next_member(&self) -> String {
+        format!(
+            "{:x}-{:x}",
+            self.node_nonce,
+            self.sequence.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Connects to Redis, retrying every second until it answers (limits follow their failure
@@ -331,13 +346,13 @@ impl Limiter {
     }
 
     /// Decides a request: one Redis round trip, or memory; failure policies when Redis fails.
-    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: &str) -> Decision {
+    pub async fn decide(&self, checks: &[Check], now_ms: i64) -> Decision {
         if !self.redis_configured {
             return self.memory.decide(checks, now_ms, 1);
         }
         let redis = self.redis.load_full();
         if let Some(redis) = redis
-            && let Some(decision) = redis.decide(checks, now_ms, member).await
+            && let Some(decision) = redis.decide(checks, now_ms, &self.next_member()).await
         {
             return decision;
         }

@@ -143,11 +143,7 @@ async fn proxy(
     let usage = if checks.is_empty() {
         None
     } else {
-        match shared
-            .limiter
-            .decide(&checks, now_ms, request_id.to_str().unwrap_or_default())
-            .await
-        {
+        match shared.limiter.decide(&checks, now_ms).await {
             Decision::Admitted(usages) => closest_to_limit(&usages),
             Decision::Limited(usages, index) => {
                 // A refusal always names one of the request's limits.
