@@ -155,11 +155,7 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("big").await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "big", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("big", &upstream.url()).await;
     cp.create(
         "/routes",
         json!({"name": "big", "paths": ["/"], "upstream": "big"}),

@@ -54,16 +54,8 @@ async fn config_changes_reach_the_data_plane_within_a_second() {
     .await;
     assert_eq!(status_of(&client, &dp.url("/api/x")).await, 404);
 
-    cp.create(
-        "/upstreams",
-        json!({"name": "blue", "targets": [{"url": blue.url()}]}),
-    )
-    .await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "green", "targets": [{"url": green.url()}]}),
-    )
-    .await;
+    cp.upstream_at("blue", &blue.url()).await;
+    cp.upstream_at("green", &green.url()).await;
     cp.create(
         "/routes",
         json!({"name": "api", "paths": ["/api"], "upstream": "blue"}),
@@ -116,11 +108,7 @@ async fn data_planes_on_two_replicas_converge() {
     let dp2 = TestDp::start(cp2.cluster, dir2.path(), "dp-b").await;
     let client = client();
 
-    cp1.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp1.upstream_at("u", &upstream.url()).await;
     cp2.create(
         "/routes",
         json!({"name": "one", "paths": ["/one"], "upstream": "u"}),
@@ -177,11 +165,7 @@ async fn data_plane_survives_control_plane_outage_and_restart() {
     let dir = tempfile::tempdir().expect("dir");
     let dp = TestDp::start(cluster, dir.path(), "dp-1").await;
     let client = client();
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     cp.create(
         "/routes",
         json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
@@ -237,11 +221,7 @@ async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
     let dir = tempfile::tempdir().expect("dir");
     let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
     let client = client();
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     cp.create(
         "/routes",
         json!({"name": "r", "paths": ["/r"], "upstream": "u"}),

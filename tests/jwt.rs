@@ -107,11 +107,7 @@ async fn jwt_tokens_are_verified_and_bad_ones_refused() {
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("u").await;
     let jwks = JwksServer::start(&[("k1", "rsa1")]).await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     cp.create("/consumers", json!({"username": "alice"})).await;
     cp.create(
         "/jwt-issuers",
@@ -324,11 +320,7 @@ async fn jwt_tokens_are_verified_and_bad_ones_refused() {
 async fn a_revoked_key_stops_working_on_every_data_plane_within_a_second() {
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("u").await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     cp.create(
         "/routes",
         json!({"name": "k", "paths": ["/k"], "upstream": "u", "auth": {"api_key": {}}}),
@@ -423,11 +415,7 @@ async fn jwks_over_https_is_verified_against_the_configured_ca() {
 
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("u").await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     cp.create("/consumers", json!({"username": "alice"})).await;
     cp.create(
         "/jwt-issuers",

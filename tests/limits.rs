@@ -31,11 +31,7 @@ async fn cluster(
 ) -> (Cluster, Vec<String>) {
     let cp = TestApp::spawn_prefixed(Backend::Postgres, prefix).await;
     let upstream = TestUpstream::start("u").await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     for plan in plans {
         cp.create("/plans", plan.clone()).await;
     }

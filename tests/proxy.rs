@@ -20,11 +20,7 @@ struct Setup {
 async fn setup(routes: &[Value]) -> Setup {
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("u").await;
-    cp.create(
-        "/upstreams",
-        json!({"name": "u", "targets": [{"url": upstream.url()}]}),
-    )
-    .await;
+    cp.upstream_at("u", &upstream.url()).await;
     for route in routes {
         cp.create("/routes", route.clone()).await;
     }
@@ -325,10 +321,7 @@ async fn api_keys_authenticate_and_restrict() {
 async fn weighted_round_robin_and_upstream_errors() {
     let s = setup(&[]).await;
     let other = TestUpstream::start("other").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let closed = common::closed_addr();
     s.cp.create(
         "/upstreams",
         json!({"name": "pair", "targets": [{"url": s.upstream.url(), "weight": 300}, {"url": other.url(), "weight": 100}]}),
@@ -379,10 +372,7 @@ async fn weighted_round_robin_and_upstream_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_config_the_node_is_not_ready() {
     // Nothing listens at this cluster address: the node never gets a config.
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let nowhere = common::closed_addr();
     let dir = tempfile::tempdir().expect("dir");
     let dp = TestDp::start(nowhere, dir.path(), "lonely").await;
     let client = reqwest::Client::new();
@@ -443,10 +433,7 @@ async fn http2_cleartext_is_served() {
 async fn load_balancing_choices_and_active_health_checks() {
     let s = setup(&[]).await;
     let other = TestUpstream::start("other").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let closed = common::closed_addr();
     s.cp.create(
         "/upstreams",
         json!({"name": "random", "load_balancing": "random",

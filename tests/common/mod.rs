@@ -346,6 +346,15 @@ impl TestApp {
         created
     }
 
+    /// Creates an upstream `name` with the single target `url`.
+    pub async fn upstream_at(&self, name: &str, url: &str) -> Value {
+        self.create(
+            "/upstreams",
+            serde_json::json!({"name": name, "targets": [{"url": url}]}),
+        )
+        .await
+    }
+
     /// The current config revision, from `/status`.
     pub async fn revision(&self) -> i64 {
         let (status, body) = self.get("/status").await;
@@ -796,4 +805,11 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn closed_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
 }
