@@ -7,8 +7,10 @@
 #   direct               wrk -> upstream nginx                          127.0.0.1:18080/
 #   nginx                wrk -> nginx reverse proxy -> upstream nginx   127.0.0.1:18081/
 #   tollgate             wrk -> Tollgate data plane -> upstream nginx   127.0.0.1:18090/
-#   tollgate-auth-limit  wrk -> Tollgate data plane (API-key auth + Redis rate limit, one
-#                        EVALSHA round trip per request) -> upstream    127.0.0.1:18090/limited
+#   tollgate-auth-limit  wrk -> Tollgate data plane (API-key auth + Redis rate limit; every
+#                        request decided by the limiter script, batched: the requests queued
+#                        while one EVALSHA is in flight go in the next) -> upstream
+#                                                                       127.0.0.1:18090/limited
 #
 #   upstream  nginx, 1 worker, `return 200 "ok"`, keepalive_requests 1000000
 #   nginx     1 worker, keepalive_requests 1000000, upstream pool `keepalive 64`,
@@ -21,7 +23,8 @@
 #             by: consumer}` (an exact sliding window: a Redis sorted set per consumer, never
 #             full here), consumer `bench` with one API key sent by wrk as `X-API-Key`.
 #             The data plane then runs with TOLLGATE_REDIS_URL=redis://127.0.0.1:18379/0 and
-#             TOLLGATE_REDIS_PREFIX=bench against a redis-server started here (127.0.0.1:18379,
+#             TOLLGATE_REDIS_PREFIX=bench (and TOLLGATE_REDIS_TIMEOUT_MS=$REDIS_TIMEOUT_MS, 100 by
+#             default) against a redis-server started here (127.0.0.1:18379,
 #             no persistence). Only started when this target is selected; the machine's own
 #             Redis (6379) is never used.
 #
@@ -57,6 +60,7 @@
 #   TOLLGATE_BIN=...  use this binary instead (no build)
 #   SKIP_INSTALL=1  never call apt-get
 #   PORT_OFFSET=0   added to every port below (0-999), when another instance holds them
+#   REDIS_TIMEOUT_MS=100  the data plane's Redis timeout for tollgate-auth-limit
 #
 # Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18090 18091 18092 18095,
 # and 18379 (redis-server) with tollgate-auth-limit (all must be free; the script refuses to start
@@ -309,7 +313,12 @@ if [[ -n "$WITH_REDIS" ]]; then
   API_KEY=$(sed -n 's/.*"key" *: *"\(tg_[^"]*\)".*/\1/p' <<<"$ADMIN_BODY")
   [[ -n "$API_KEY" ]] || die "no key (tg_...) in the answer of POST /admin/v1/consumers/bench/keys"
   admin_post routes '{"name":"bench-limited","paths":["/limited"],"upstream":"bench","auth":{"api_key":{}},"rate_limit":{"requests":1000000000,"window_seconds":1,"by":"consumer"}}'
-  REDIS_ENV=(TOLLGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" TOLLGATE_REDIS_PREFIX=bench)
+  # Redis shares one saturated core with the data plane and the upstream here, so the scheduler
+  # alone can hold an answer back for several milliseconds: a timeout of 100 ms (instead of the
+  # default 10 ms, meant for a Redis with a core of its own) keeps every request decided by
+  # Redis, which the `degraded` column checks.
+  REDIS_ENV=(TOLLGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" TOLLGATE_REDIS_PREFIX=bench
+    TOLLGATE_REDIS_TIMEOUT_MS="${REDIS_TIMEOUT_MS:-100}")
 fi
 
 start tollgate env \
@@ -521,8 +530,8 @@ for t in direct nginx tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]
 if awk 'NR > 1 && $9 != "none" {found = 1} END {exit !found}' "$RUNS"; then
   log "WARNING: some runs had socket errors or non-2xx responses (see $RUNS)"
 fi
-if awk 'NR > 1 && $2 == "tollgate-auth-limit" && ($13 != 0 || $12 < 0.99) {found = 1} END {exit !found}' "$RUNS"; then
+if awk 'NR > 1 && $2 == "tollgate-auth-limit" && ($13 != 0 || $12 <= 0) {found = 1} END {exit !found}' "$RUNS"; then
   log "WARNING: some tollgate-auth-limit requests did not reach Redis (limiter_degraded > 0 or" \
-    "fewer than one script call per request; see $RUNS)"
+    "no script call at all; see $RUNS)"
 fi
 log "raw outputs in $BENCH_DIR"

@@ -177,21 +177,35 @@ impl MemoryLimiter {
     }
 }
 
-/// The Redis-backed limiter: one `EVALSHA` per request on a multiplexed connection, a short
-/// timeout and a circuit breaker.
+/// The Redis-backed limiter: requests are decided by the Lua script in batches — the requests
+/// that arrive while one call is in flight go together in the next `EVALSHA` (group commit),
+/// so under load Redis runs one script call per batch rather than per request, while each
+/// request is still decided exactly as if alone. A short timeout and a circuit breaker bound
+/// what a failing Redis costs.
 pub struct RedisLimiter {
-    connection: redis::aio::ConnectionManager,
-    script: redis::Script,
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
     timeout: Duration,
     failures: AtomicU32,
     open_until_ms: AtomicI64,
 }
 
+/// One request waiting for its batch.
+struct Pending {
+    now_ms: i64,
+    member: String,
+    keys: Vec<String>,
+    /// Per key: kind (1 window, 2 quota), limit, span (window ms or period end).
+    args: Vec<(u8, u64, i64)>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, String>>,
+}
+
 /// How long an open breaker skips Redis before letting one request probe it.
 const BREAKER_OPEN_MS: i64 = 1_000;
+/// Most requests decided by one script call.
+const MAX_BATCH: usize = 128;
 
 impl RedisLimiter {
-    /// Connects (lazily reconnecting afterwards) to `url`.
+    /// Connects (lazily reconnecting afterwards) to `url` and starts the batching task.
     pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -199,54 +213,111 @@ impl RedisLimiter {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
         let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_batches(connection, timeout, pending));
         Ok(Self {
-            connection,
-            script: redis::Script::new(include_str!("limiter.lua")),
+            queue,
             timeout,
             failures: AtomicU32::new(0),
             open_until_ms: AtomicI64::new(0),
         })
     }
 
-    /// Runs the script; `None` when Redis is unavailable (error, timeout, breaker open).
-    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: &str) -> Option<Decision> {
+    /// Decides one request; `None` when Redis is unavailable (error, timeout, breaker open).
+    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: String) -> Option<Decision> {
         if self.open_until_ms.load(Ordering::Relaxed) > now_ms {
             return None;
         }
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(now_ms).arg(member);
-        for check in checks {
-            invocation.key(&check.key);
-            match check.span {
-                Span::Window(window) => invocation.arg(1).arg(check.limit).arg(window),
-                Span::Quota(period) => invocation
-                    .arg(2)
-                    .arg(check.limit)
-                    .arg(period_end(period, now_ms).0),
-            };
-        }
-        let mut connection = self.connection.clone();
-        let result: Result<Vec<i64>, String> = match tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
-        {
-            Ok(Ok(values)) => Ok(values),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            now_ms,
+            member,
+            keys: checks.iter().map(|c| c.key.clone()).collect(),
+            args: checks
+                .iter()
+                .map(|check| match check.span {
+                    Span::Window(window) => (1, check.limit, window),
+                    Span::Quota(period) => (2, check.limit, period_end(period, now_ms).0),
+                })
+                .collect(),
+            reply,
+        };
+        let result = match self.queue.send(pending) {
+            // Queued behind at most one call in flight, which has its own timeout.
+            Ok(()) => match tokio::time::timeout(self.timeout * 2, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err("the batching task stopped".to_string()),
+                Err(_) => Err(format!("no answer within {:?}", self.timeout * 2)),
+            },
+            Err(_) => Err("the batching task stopped".to_string()),
         };
         match result {
             Ok(values) => {
-                self.failures.store(0, Ordering::Relaxed);
+                let failed = self.failures.swap(0, Ordering::Relaxed);
+                if failed > 0 {
+                    tracing::info!(failed, "rate-limit store available again");
+                }
                 Some(decode(checks, &values))
             }
             Err(error) => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 self.open_until_ms
                     .store(now_ms + BREAKER_OPEN_MS, Ordering::Relaxed);
-                tracing::warn!(%error, failures, "rate-limit store unavailable");
+                if failures == 1 {
+                    tracing::warn!(%error, "rate-limit store unavailable");
+                }
                 None
+            }
+        }
+    }
+}
+
+/// The batching task: takes whatever requests are queued (up to [`MAX_BATCH`]), decides them
+/// in one script call, answers each, and repeats. Ends when the limiter is dropped.
+async fn run_batches(
+    mut connection: redis::aio::ConnectionManager,
+    timeout: Duration,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+) {
+    let script = redis::Script::new(include_str!("limiter.lua"));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(batch.len());
+        for pending in &batch {
+            invocation
+                .arg(pending.now_ms)
+                .arg(&pending.member)
+                .arg(pending.keys.len());
+            for key in &pending.keys {
+                invocation.key(key);
+            }
+            for (kind, limit, span) in &pending.args {
+                invocation.arg(*kind).arg(*limit).arg(*span);
+            }
+        }
+        let result: Result<Vec<i64>, String> =
+            match tokio::time::timeout(timeout, invocation.invoke_async(&mut connection)).await {
+                Ok(Ok(values)) => Ok(values),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+        match result {
+            Ok(values) => {
+                let mut offset = 0;
+                for pending in batch.drain(..) {
+                    let end = (offset + 1 + 2 * pending.keys.len()).min(values.len());
+                    let answer = values.get(offset..end).map(<[i64]>::to_vec);
+                    offset = end;
+                    let _ = pending
+                        .reply
+                        .send(answer.ok_or_else(|| "short answer from the script".to_string()));
+                }
+            }
+            Err(error) => {
+                for pending in batch.drain(..) {
+                    let _ = pending.reply.send(Err(error.clone()));
+                }
             }
         }
     }
@@ -352,7 +423,7 @@ impl Limiter {
         }
         let redis = self.redis.load_full();
         if let Some(redis) = redis
-            && let Some(decision) = redis.decide(checks, now_ms, &self.next_member()).await
+            && let Some(decision) = redis.decide(checks, now_ms, self.next_member()).await
         {
             return decision;
         }
