@@ -544,3 +544,123 @@ async fn body_limits_hold_with_and_without_content_length() {
     assert_eq!(post(chunked(2)).await.0, 200);
     assert_eq!(s.upstream.requests().pop().expect("seen").body_bytes, 800);
 }
+
+/// A hand-written HTTP/1.1 upstream, to answer what well-behaved servers never send: its
+/// answer depends on the request path. Counts the connections it accepted.
+async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+                    buffer.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let (answer, close): (&[u8], bool) = match path.as_str() {
+                        "/raw/chunked" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n", false),
+                        "/raw/until-close" => (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nread until the upstream closes", true),
+                        "/raw/conflict" => (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab", true),
+                        "/raw/early-hints" => (b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal", false),
+                        // Keep-alive as far as the headers say, then closed anyway.
+                        "/raw/then-close" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce", true),
+                        "/raw/truncated" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", true),
+                        _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+                    };
+                    if stream.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_framing_and_connection_reuse() {
+    use std::sync::atomic::Ordering;
+    let s = setup(&[]).await;
+    let (url, accepted) = raw_upstream().await;
+    s.cp.upstream_at("raw", &url).await;
+    s.cp.create(
+        "/routes",
+        json!({"name": "raw", "paths": ["/raw"], "upstream": "raw"}),
+    )
+    .await;
+    s.sync().await;
+    let text = |path: &'static str| {
+        let request = s.client.get(s.dp.url(path));
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, response.text().await, headers)
+        }
+    };
+
+    // Chunked: decoded and re-framed; the misleading Content-Length beside it is dropped.
+    let (status, body, headers) = text("/raw/chunked").await;
+    assert_eq!((status, body.expect("body").as_str()), (200, "hello world"));
+    assert!(headers.get("content-length").is_none(), "{headers:?}");
+    assert!(headers.get("x-trailer").is_none());
+    // Interim responses are skipped.
+    let (status, body, _) = text("/raw/early-hints").await;
+    assert_eq!((status, body.expect("body").as_str()), (200, "final"));
+    // Delimited by the close.
+    let (status, body, _) = text("/raw/until-close").await;
+    assert_eq!(
+        (status, body.expect("body").as_str()),
+        (200, "read until the upstream closes")
+    );
+    // Conflicting lengths: refused, not guessed.
+    let (status, body, _) = text("/raw/conflict").await;
+    assert_eq!(status, 502, "{body:?}");
+    // A body cut short reaches the client as an error, never as a complete response.
+    let truncated = match s.client.get(s.dp.url("/raw/truncated")).send().await {
+        Ok(response) if response.status() == 200 => response.text().await.ok(),
+        _ => None,
+    };
+    assert_eq!(truncated, None, "truncated body passed as complete");
+
+    // Keep-alive: sequential requests share one upstream connection.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let (status, body, _) = text("/raw/keep").await;
+        assert_eq!((status, body.expect("body").as_str()), (200, "ok"));
+    }
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    assert!(
+        opened <= 1,
+        "20 sequential requests opened {opened} connections"
+    );
+
+    // An upstream that closes a connection the proxy pooled: the next request still succeeds,
+    // whether the close arrived before it (seen at checkout) or races with it (sent again).
+    for i in 0..20 {
+        let (status, body, _) = text("/raw/then-close").await;
+        assert_eq!((status, body.expect("body").as_str()), (200, "once"));
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

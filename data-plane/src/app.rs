@@ -155,6 +155,7 @@ impl DataPlane {
                         .as_ref()
                         .map_or(0, |c| c.longest_window_ms);
                     shared.limiter.memory.sweep(shared.clock.now_ms(), longest);
+                    shared.connections.sweep();
                 }
             })
         };

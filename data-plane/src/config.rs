@@ -13,19 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tollgate_shared::{HeaderTransform, HealthCheck, LoadBalancing, Snapshot, Stored, Upstream};
 
 use crate::auth::{ConsumerRt, KeyIndex, PlanRt, RouteAuth};
 use crate::jwt::{IssuerKeys, JwksRegistry};
 use crate::router::RouteTable;
-
-/// Body type sent upstream: the client's streaming body (capped at the route's
-/// `max_body_bytes`), or nothing (then retries are safe).
-pub type UpstreamBody = http_body_util::Either<CappedBody, Empty<Bytes>>;
+use crate::upstream::{Connections, HostConns};
 
 /// A request body that fails once more than its limit has streamed through, so a chunked
 /// body cannot exceed `max_body_bytes` either (the proxy then answers 413).
@@ -83,38 +76,6 @@ impl hyper::body::Body for CappedBody {
         self.inner.size_hint()
     }
 }
-/// The pooled keep-alive client used for one connect timeout.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
-
-/// Clients by connect timeout, kept across snapshots so pooled connections survive reloads.
-#[derive(Default)]
-pub struct ClientCache {
-    clients: std::sync::Mutex<HashMap<i64, UpstreamClient>>,
-}
-
-impl ClientCache {
-    pub(crate) fn get(&self, connect_ms: i64) -> UpstreamClient {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry(connect_ms)
-            .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(Duration::from_millis(
-                    u64::try_from(connect_ms).unwrap_or(2_000),
-                )));
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(1024)
-                    .build(connector)
-            })
-            .clone()
-    }
-}
-
 /// One target of an upstream, ready to address, with its load and health.
 #[derive(Debug)]
 pub struct TargetRt {
@@ -130,6 +91,8 @@ pub struct TargetRt {
     pub host_header: HeaderValue,
     /// Path prefix of the target URL without trailing slash (often empty).
     pub base_path: String,
+    /// Its idle keep-alive connections (shared with later snapshots).
+    pub conns: Arc<HostConns>,
 }
 
 /// An upstream: targets, the precomputed weighted round-robin schedule, timeouts, client.
@@ -148,8 +111,8 @@ pub struct UpstreamPool {
     pub request_timeout: Duration,
     /// Extra attempts on another target after a connect failure (bodyless requests only).
     pub retries: usize,
-    /// The pooled client.
-    pub client: UpstreamClient,
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
 }
 
 impl UpstreamPool {
@@ -203,7 +166,7 @@ impl UpstreamPool {
         &self.targets[index.unwrap_or(0).min(self.targets.len() - 1)]
     }
 
-    fn compile(upstream: &Upstream, clients: &ClientCache) -> Result<Self, String> {
+    fn compile(upstream: &Upstream, connections: &Connections) -> Result<Self, String> {
         let mut targets = Vec::with_capacity(upstream.targets.len());
         let mut weights = Vec::with_capacity(upstream.targets.len());
         for target in &upstream.targets {
@@ -228,9 +191,10 @@ impl UpstreamPool {
                 weight: usize::try_from(target.weight).unwrap_or(0),
                 in_flight: AtomicUsize::new(0),
                 healthy: AtomicBool::new(true),
-                authority,
                 host_header,
                 base_path: uri.path().trim_end_matches('/').to_string(),
+                conns: connections.host(authority.as_str()),
+                authority,
             });
             weights.push(usize::try_from(target.weight).unwrap_or(0));
         }
@@ -245,7 +209,9 @@ impl UpstreamPool {
                 u64::try_from(upstream.timeouts.request_ms).unwrap_or(30_000),
             ),
             retries: usize::try_from(upstream.retries).unwrap_or(0),
-            client: clients.get(upstream.timeouts.connect_ms),
+            connect_timeout: Duration::from_millis(
+                u64::try_from(upstream.timeouts.connect_ms).unwrap_or(2_000),
+            ),
         })
     }
 }
@@ -399,7 +365,7 @@ pub struct Compiled {
 pub fn compile(
     snapshot: Snapshot,
     expected_hash: Option<&str>,
-    clients: &ClientCache,
+    connections: &Connections,
     jwks: &JwksRegistry,
 ) -> Result<Compiled, String> {
     let hash = snapshot.content_hash();
@@ -416,7 +382,7 @@ pub fn compile(
 
     let mut upstreams: HashMap<&str, Arc<UpstreamPool>> = HashMap::new();
     for upstream in &snapshot.upstreams {
-        let pool = UpstreamPool::compile(&upstream.spec, clients)
+        let pool = UpstreamPool::compile(&upstream.spec, connections)
             .map_err(|e| format!("upstream '{}': {e}", upstream.spec.name))?;
         upstreams.insert(upstream.spec.name.as_str(), Arc::new(pool));
     }

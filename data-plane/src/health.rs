@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http_body_util::{Either, Empty};
-
-use crate::config::{Compiled, UpstreamPool};
+use crate::config::{Compiled, TargetRt, UpstreamPool};
+use crate::upstream::{self, RequestHead};
 
 /// Starts the checks of every upstream of `compiled` that has them.
 pub fn watch(compiled: &Compiled) {
@@ -33,7 +32,7 @@ async fn check_forever(pool: std::sync::Weak<UpstreamPool>) {
         };
         streaks.resize(current.targets.len(), (0, 0));
         for (target, streak) in current.targets.iter().zip(streaks.iter_mut()) {
-            let healthy = probe(&current, &target.authority, &target.base_path, &check).await;
+            let healthy = probe(&current, target, &check).await;
             *streak = if healthy {
                 (streak.0 + 1, 0)
             } else {
@@ -56,22 +55,20 @@ async fn check_forever(pool: std::sync::Weak<UpstreamPool>) {
 
 async fn probe(
     pool: &UpstreamPool,
-    authority: &http::uri::Authority,
-    base_path: &str,
+    target: &TargetRt,
     check: &tollgate_shared::HealthCheck,
 ) -> bool {
-    let Ok(uri) = http::Uri::builder()
-        .scheme("http")
-        .authority(authority.clone())
-        .path_and_query(format!("{base_path}{}", check.path))
-        .build()
-    else {
-        return false;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::HOST, target.host_header.clone());
+    let path = format!("{}{}", target.base_path, check.path);
+    let head = RequestHead {
+        method: &http::Method::GET,
+        target: &path,
+        headers: &headers,
     };
-    let mut request = http::Request::new(Either::Right(Empty::new()));
-    *request.uri_mut() = uri;
     let timeout = Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000));
-    match tokio::time::timeout(timeout, pool.client.request(request)).await {
+    let sent = upstream::send(&target.conns, pool.connect_timeout, &head, None);
+    match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(response)) => response.status().is_success() || response.status().is_redirection(),
         _ => false,
     }

@@ -30,6 +30,7 @@ pub mod server;
 pub mod settings;
 pub mod state;
 pub mod sync;
+pub mod upstream;
 
 pub use app::DataPlane;
 pub use settings::Settings;

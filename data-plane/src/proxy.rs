@@ -17,18 +17,19 @@ use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
 };
-use http::{Request, Response, Uri, Version};
-use http_body_util::{Either, Empty, Full};
+use http::{Request, Response, Version};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use tollgate_shared::{LoadBalancing, RateLimitBy, limits};
 
 use crate::auth::ConsumerRt;
-use crate::config::{BodyOverLimit, CappedBody, Compiled, CompiledRoute, UpstreamBody};
+use crate::config::{CappedBody, Compiled, CompiledRoute};
 use crate::error::ProxyError;
 use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
 use crate::state::Shared;
+use crate::upstream::{self, RequestHead, SendError, UpstreamResponseBody};
 
 /// `X-Request-Id`: passed through when the client sent a sane one, generated otherwise.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -55,7 +56,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// The response body: the upstream's, streamed, or one the gateway wrote.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// Serves one request. Never fails: errors become JSON answers with a stable `code`.
 pub async fn handle(
@@ -196,12 +197,15 @@ async fn proxy(
         path
     };
     let query = parts.uri.query();
-    let mut body: Option<Incoming> = has_body.then_some(body);
-    let client_host = if route.preserve_host {
-        host_header.clone()
-    } else {
-        None
-    };
+    let mut body: Option<CappedBody> =
+        has_body.then(|| CappedBody::new(body, route.max_body_bytes));
+    if let Some(host) = route
+        .preserve_host
+        .then_some(host_header.as_ref())
+        .flatten()
+    {
+        headers.insert(HOST, host.clone());
+    }
 
     // Forward, retrying bodyless requests on another target after a connect failure.
     let pool = &route.upstream;
@@ -211,42 +215,26 @@ async fn proxy(
         let target = pool.pick();
         let _in_flight = (pool.algorithm == LoadBalancing::LeastConnections)
             .then(|| InFlight::new(&target.in_flight));
-        let uri = build_uri(&target.authority, &target.base_path, &forwarded_path, query)?;
-        let mut upstream_headers = if attempt + 1 < attempts {
-            headers.clone()
-        } else {
-            std::mem::take(&mut headers)
+        let upstream_target = origin_form(&target.base_path, &forwarded_path, query);
+        if !route.preserve_host {
+            headers.insert(HOST, target.host_header.clone());
+        }
+        let head = RequestHead {
+            method: &parts.method,
+            target: &upstream_target,
+            headers: &headers,
         };
-        upstream_headers.insert(
-            HOST,
-            client_host
-                .clone()
-                .unwrap_or_else(|| target.host_header.clone()),
-        );
-        let upstream_body: UpstreamBody = match body.take() {
-            Some(incoming) => Either::Left(CappedBody::new(incoming, route.max_body_bytes)),
-            None => Either::Right(Empty::new()),
-        };
-        let mut upstream_request = Request::new(upstream_body);
-        *upstream_request.method_mut() = parts.method.clone();
-        *upstream_request.uri_mut() = uri;
-        *upstream_request.version_mut() = Version::HTTP_11;
-        *upstream_request.headers_mut() = upstream_headers;
-
-        match tokio::time::timeout(pool.request_timeout, pool.client.request(upstream_request))
-            .await
-        {
+        let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
+        match tokio::time::timeout(pool.request_timeout, sent).await {
             Err(_) => return Err(ProxyError::Timeout),
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %pool.name, target = %target.authority, attempt, "upstream request failed");
-                if let Some(max) = route.max_body_bytes
-                    && caused_by::<BodyOverLimit>(&error)
-                {
-                    return Err(ProxyError::BodyTooLarge(max));
-                }
-                last_error = ProxyError::Unreachable;
-                if !error.is_connect() {
-                    break;
+                match error {
+                    SendError::BodyOverLimit => {
+                        return Err(ProxyError::BodyTooLarge(route.max_body_bytes.unwrap_or(0)));
+                    }
+                    SendError::Connect(_) => last_error = ProxyError::Unreachable,
+                    _ => return Err(ProxyError::Unreachable),
                 }
             }
             Ok(Ok(response)) => {
@@ -315,26 +303,18 @@ fn set_forwarded(
     }
 }
 
-fn build_uri(
-    authority: &http::uri::Authority,
-    base: &str,
-    path: &str,
-    query: Option<&str>,
-) -> Result<Uri, ProxyError> {
-    let mut path_and_query =
+/// The request target sent upstream: the target's base path, the (possibly stripped) path
+/// and the query.
+fn origin_form(base: &str, path: &str, query: Option<&str>) -> String {
+    let mut target =
         String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
-    path_and_query.push_str(base);
-    path_and_query.push_str(path);
+    target.push_str(base);
+    target.push_str(path);
     if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(query);
+        target.push('?');
+        target.push_str(query);
     }
-    Uri::builder()
-        .scheme("http")
-        .authority(authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))
+    target
 }
 
 /// The client's request id when it is 1–128 visible ASCII characters, else a new random one.
@@ -352,18 +332,6 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// Whether `error` or anything in its source chain is an `E`.
-fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if error.is::<E>() {
-            return true;
-        }
-        current = error.source();
-    }
-    false
 }
 
 /// Counts a request against a target until its response head arrives (least connections).

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{ClientCache, Compiled};
+use crate::config::Compiled;
 use crate::jwt::JwksRegistry;
 use crate::limiter::Limiter;
 use crate::settings::Cidr;
+use crate::upstream::Connections;
 
 /// Shared state of one data plane.
 pub struct Shared {
@@ -18,8 +19,8 @@ pub struct Shared {
     pub config: ArcSwapOption<Compiled>,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<Cidr>,
-    /// Upstream clients, kept across snapshots.
-    pub clients: ClientCache,
+    /// Idle upstream connections by target, kept across snapshots.
+    pub connections: Connections,
     /// JWKS documents, kept across snapshots.
     pub jwks: JwksRegistry,
     /// Counters for `/metrics`.
@@ -57,7 +58,7 @@ impl Shared {
         Self {
             config: ArcSwapOption::empty(),
             trusted_proxies,
-            clients: ClientCache::default(),
+            connections: Connections::default(),
             jwks,
             metrics: Metrics::default(),
             limiter,

@@ -59,7 +59,7 @@ pub async fn apply(
 ) -> Result<(i64, String), String> {
     let worker = shared.clone();
     let compiled = tokio::task::spawn_blocking(move || {
-        compile(snapshot, hash.as_deref(), &worker.clients, &worker.jwks)
+        compile(snapshot, hash.as_deref(), &worker.connections, &worker.jwks)
     })
     .await
     .map_err(|e| format!("compiling panicked: {e}"))??;
