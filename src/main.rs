@@ -49,10 +49,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Command::DataPlane(settings) = &cli.command
-        && let Some(threads) = settings.worker_threads
-    {
+    // One worker thread: a current-thread runtime, so the accept loop, the connections and
+    // the timers all run on that one thread with no cross-thread wake-ups (blocking work such
+    // as compiling a snapshot still goes to the blocking pool).
+    let threads = match &cli.command {
+        Command::DataPlane(settings) => settings.worker_threads,
+        _ => None,
+    };
+    let mut runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(threads) = threads {
         runtime.worker_threads(threads.max(1));
     }
     let runtime = runtime
