@@ -163,10 +163,17 @@ async fn plan_limit_is_exact_across_two_data_planes() {
             header(&response, "ratelimit-remaining"),
             Some(want_remaining)
         );
-        assert!(header(&response, "ratelimit-reset").is_some_and(|s| (1..=60).contains(&s)));
+        // Admitted: everything counted leaves the window one window length from now.
+        assert_eq!(header(&response, "ratelimit-reset"), Some(60));
     }
     let refused = c.get(1, "/api/x", Some(&keys[1])).await;
     assert_eq!(refused.status(), 429);
+    // Refused: a slot frees when the oldest of the three, admitted moments ago, leaves.
+    assert!(
+        header(&refused, "retry-after").is_some_and(|s| (55..=60).contains(&s)),
+        "Retry-After {:?}",
+        header(&refused, "retry-after")
+    );
 
     // A client repeating one X-Request-Id gets no extra admissions.
     let mut admitted = 0;

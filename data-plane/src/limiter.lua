@@ -8,64 +8,65 @@
 -- ARGV[1]: the number of requests.
 -- Then per request: its time (Unix milliseconds, the data plane's clock when it arrived), a
 --   member unique to this admission (for the sliding-window sets), its number of keys n, and
---   per key: kind (1 = sliding window, 2 = calendar quota), limit, and
---   for a window its length in ms, for a quota the end of the period in Unix ms.
+--   per key: kind ('1' = sliding window, '2' = calendar quota), limit, then for a window its
+--   length in ms and the cutoff (time - length: older admissions no longer count), for a
+--   quota the end of the period in Unix ms and '0'.
+--
+-- Numbers stay the strings the data plane sent wherever Redis only passes them on (scores,
+-- TTLs): turning a Lua number back into a string costs a float formatting and a parse each
+-- time, which was most of this script's cost.
 --
 -- Sliding window (exact): a sorted set of the admission times within the last window; a
 -- request is admitted while fewer than `limit` remain.
 -- Quota: a counter that expires at the end of its calendar period.
 --
--- Returns, request after request, {admitted (0|1), count_1, reset_ms_1, ..., count_n,
--- reset_ms_n}: for each key the count after this request (or the count that refused it), and
--- ms until a slot frees up / the quota resets.
+-- Returns, request after request, {admitted (0|1), count_1, retry_ms_1, ..., count_n,
+-- retry_ms_n}: for each key the count after this request (or the count that refused it), and
+-- for a window that refused, ms until its oldest admission leaves it (-1 otherwise: the data
+-- plane knows the window length and the period end).
 local requests = tonumber(ARGV[1])
 local out = {}
 local arg = 2
 local key = 1
 for _ = 1, requests do
-  local now = tonumber(ARGV[arg])
+  local now = ARGV[arg]
   local member = ARGV[arg + 1]
   local n = tonumber(ARGV[arg + 2])
   arg = arg + 3
   local admitted = 1
   local counts = {}
-  local resets = {}
+  local retries = {}
   for i = 1, n do
     local k = KEYS[key + i - 1]
-    local base = arg + 3 * (i - 1)
-    local kind = tonumber(ARGV[base])
+    local base = arg + 4 * (i - 1)
     local limit = tonumber(ARGV[base + 1])
-    local span = tonumber(ARGV[base + 2])
-    if kind == 1 then
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', now - span)
-      local count = redis.call('ZCARD', k)
-      local reset = span
-      if count > 0 then
-        local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
-        reset = tonumber(oldest[2]) + span - now
-      end
-      counts[i] = count
-      resets[i] = reset
+    local count
+    if ARGV[base] == '1' then
+      redis.call('ZREMRANGEBYSCORE', k, '-inf', ARGV[base + 3])
+      count = redis.call('ZCARD', k)
     else
-      counts[i] = tonumber(redis.call('GET', k) or '0')
-      resets[i] = span - now
+      count = tonumber(redis.call('GET', k) or '0')
     end
-    if counts[i] >= limit then
+    counts[i] = count
+    retries[i] = -1
+    if count >= limit then
       admitted = 0
+      if ARGV[base] == '1' and count > 0 then
+        local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+        retries[i] = tonumber(oldest[2]) + tonumber(ARGV[base + 2]) - tonumber(now)
+      end
     end
   end
   if admitted == 1 then
     for i = 1, n do
       local k = KEYS[key + i - 1]
-      local base = arg + 3 * (i - 1)
-      local kind = tonumber(ARGV[base])
-      local span = tonumber(ARGV[base + 2])
-      if kind == 1 then
+      local base = arg + 4 * (i - 1)
+      if ARGV[base] == '1' then
         redis.call('ZADD', k, now, member)
-        redis.call('PEXPIRE', k, span)
+        redis.call('PEXPIRE', k, ARGV[base + 2])
       else
         redis.call('INCR', k)
-        redis.call('PEXPIREAT', k, span)
+        redis.call('PEXPIREAT', k, ARGV[base + 2])
       end
       counts[i] = counts[i] + 1
     end
@@ -73,9 +74,9 @@ for _ = 1, requests do
   out[#out + 1] = admitted
   for i = 1, n do
     out[#out + 1] = counts[i]
-    out[#out + 1] = resets[i]
+    out[#out + 1] = retries[i]
   end
-  arg = arg + 3 * n
+  arg = arg + 4 * n
   key = key + n
 end
 return out

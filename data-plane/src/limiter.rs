@@ -56,7 +56,8 @@ pub struct Usage {
     pub limit: u64,
     /// Requests counted, this one included when admitted.
     pub count: u64,
-    /// Milliseconds until a slot frees (window) or the period ends (quota).
+    /// Milliseconds until: a slot frees (a window that refused), everything counted has left
+    /// the window (a window that admitted: its length), the period ends (quota).
     pub reset_ms: i64,
     /// Whether this is a quota.
     pub is_quota: bool,
@@ -98,8 +99,15 @@ impl MemoryLimiter {
                     while times.front().is_some_and(|t| *t <= now_ms - window) {
                         times.pop_front();
                     }
-                    let reset = times.front().map_or(window, |t| t + window - now_ms);
-                    (times.len() as u64, reset)
+                    // Refused: until the oldest admission leaves the window (a slot frees).
+                    // Admitted: the window's length, after which everything counted now,
+                    // this request included, has left it (as the Redis script reports).
+                    let count = times.len() as u64;
+                    let reset = match times.front() {
+                        Some(oldest) if count >= limit => oldest + window - now_ms,
+                        _ => window,
+                    };
+                    (count, reset)
                 }
                 (Span::Quota(period), Some(Counter::Quota { count, ends })) if *ends > now_ms => {
                     let _ = period;
@@ -194,8 +202,9 @@ struct Pending {
     now_ms: i64,
     member: String,
     keys: Vec<String>,
-    /// Per key: kind (1 window, 2 quota), limit, span (window ms or period end).
-    args: Vec<(u8, u64, i64)>,
+    /// Per key: kind (1 window, 2 quota), limit, then window length and cutoff (now - length),
+    /// or period end and 0.
+    args: Vec<(u8, u64, i64, i64)>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, String>>,
 }
 
@@ -236,8 +245,8 @@ impl RedisLimiter {
             args: checks
                 .iter()
                 .map(|check| match check.span {
-                    Span::Window(window) => (1, check.limit, window),
-                    Span::Quota(period) => (2, check.limit, period_end(period, now_ms).0),
+                    Span::Window(window) => (1, check.limit, window, now_ms - window),
+                    Span::Quota(period) => (2, check.limit, period_end(period, now_ms).0, 0),
                 })
                 .collect(),
             reply,
@@ -257,7 +266,7 @@ impl RedisLimiter {
                 if failed > 0 {
                     tracing::info!(failed, "rate-limit store available again");
                 }
-                Some(decode(checks, &values))
+                Some(decode(checks, &values, now_ms))
             }
             Err(error) => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -292,8 +301,8 @@ async fn run_batches(
             for key in &pending.keys {
                 invocation.key(key);
             }
-            for (kind, limit, span) in &pending.args {
-                invocation.arg(*kind).arg(*limit).arg(*span);
+            for (kind, limit, span, cutoff) in &pending.args {
+                invocation.arg(*kind).arg(*limit).arg(*span).arg(*cutoff);
             }
         }
         let result: Result<Vec<i64>, String> =
@@ -323,7 +332,7 @@ async fn run_batches(
     }
 }
 
-fn decode(checks: &[Check], values: &[i64]) -> Decision {
+fn decode(checks: &[Check], values: &[i64], now_ms: i64) -> Decision {
     let admitted = values.first().copied() == Some(1);
     let usages: Vec<Usage> = checks
         .iter()
@@ -335,7 +344,13 @@ fn decode(checks: &[Check], values: &[i64]) -> Decision {
                 .copied()
                 .and_then(|c| u64::try_from(c).ok())
                 .unwrap_or(0),
-            reset_ms: values.get(2 + 2 * i).copied().unwrap_or(0),
+            // The script names the time only for a window that refused; otherwise it is the
+            // window's length or the time left in the period.
+            reset_ms: match (values.get(2 + 2 * i).copied(), check.span) {
+                (Some(retry), _) if retry >= 0 => retry,
+                (_, Span::Window(window)) => window,
+                (_, Span::Quota(period)) => period_end(period, now_ms).0 - now_ms,
+            },
             is_quota: check.is_quota,
         })
         .collect();
