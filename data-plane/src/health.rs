@@ -60,10 +60,11 @@ async fn probe(
 ) -> bool {
     let mut headers = http::HeaderMap::new();
     headers.insert(http::header::HOST, target.host_header.clone());
-    let path = format!("{}{}", target.base_path, check.path);
     let head = RequestHead {
         method: &http::Method::GET,
-        target: &path,
+        base: &target.base_path,
+        path: &check.path,
+        query: None,
         headers: &headers,
     };
     let timeout = Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000));

@@ -215,13 +215,14 @@ async fn proxy(
         let target = pool.pick();
         let _in_flight = (pool.algorithm == LoadBalancing::LeastConnections)
             .then(|| InFlight::new(&target.in_flight));
-        let upstream_target = origin_form(&target.base_path, &forwarded_path, query);
         if !route.preserve_host {
             headers.insert(HOST, target.host_header.clone());
         }
         let head = RequestHead {
             method: &parts.method,
-            target: &upstream_target,
+            base: &target.base_path,
+            path: &forwarded_path,
+            query,
             headers: &headers,
         };
         let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
@@ -305,20 +306,6 @@ fn set_forwarded(
             }
         }
     }
-}
-
-/// The request target sent upstream: the target's base path, the (possibly stripped) path
-/// and the query.
-fn origin_form(base: &str, path: &str, query: Option<&str>) -> String {
-    let mut target =
-        String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
-    target.push_str(base);
-    target.push_str(path);
-    if let Some(query) = query {
-        target.push('?');
-        target.push_str(query);
-    }
-    target
 }
 
 /// The client's request id when it is 1–128 visible ASCII characters, else a new random one.

@@ -38,7 +38,9 @@ const MAX_IDLE: usize = 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most response headers accepted.
 const MAX_HEADERS: usize = 128;
-/// Read buffer growth step.
+/// Read buffer for a response head (and a small body that comes with it).
+const HEAD_CHUNK: usize = 4 * 1024;
+/// Read buffer growth step for bodies.
 const READ_CHUNK: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) and total trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
@@ -182,8 +184,10 @@ pub enum SendError {
 /// The head of a request to send.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
-    /// Origin-form target: path and query.
-    pub target: &'a str,
+    /// The origin-form target, in parts: the target's base path, the path, the query.
+    pub base: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
     /// Every header to send, `Host` included; hop-by-hop headers already removed.
     pub headers: &'a HeaderMap,
 }
@@ -225,7 +229,7 @@ async fn exchange(
     if let Some(body) = body {
         write_body(&mut stream, body, chunked).await?;
     }
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
     loop {
         let (parts, framing, reusable) = loop {
             if let Some(parsed) = parse_head(&mut buf, method)? {
@@ -234,7 +238,7 @@ async fn exchange(
             if buf.len() >= MAX_HEAD {
                 return Err(SendError::BadResponse("response head too large".into()));
             }
-            buf.reserve(READ_CHUNK);
+            buf.reserve(HEAD_CHUNK);
             let read = stream.read_buf(&mut buf).await.map_err(stale_if_reset)?;
             if read == 0 {
                 return Err(if buf.is_empty() {
@@ -274,11 +278,11 @@ fn stale_if_reset(error: io::Error) -> SendError {
 /// `METHOD target HTTP/1.1`, the headers, and `Transfer-Encoding: chunked` when a body of
 /// unknown length follows.
 fn encode_head(head: &RequestHead<'_>, body: Option<&CappedBody>) -> Result<Vec<u8>, SendError> {
-    if head.target.is_empty()
-        || head
-            .target
-            .bytes()
-            .any(|b| b <= b' ' || b == 0x7f || b >= 0x80)
+    let unsendable = |part: &str| part.bytes().any(|b| b <= b' ' || b == 0x7f || b >= 0x80);
+    if head.path.is_empty()
+        || unsendable(head.base)
+        || unsendable(head.path)
+        || head.query.is_some_and(unsendable)
     {
         return Err(SendError::BadResponse(
             "the request target cannot be forwarded".into(),
@@ -287,7 +291,12 @@ fn encode_head(head: &RequestHead<'_>, body: Option<&CappedBody>) -> Result<Vec<
     let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(head.base.as_bytes());
+    out.extend_from_slice(head.path.as_bytes());
+    if let Some(query) = head.query {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in head.headers {
         if name == http::header::EXPECT {
@@ -371,9 +380,15 @@ fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, SendError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let head_len = match response.parse(buf) {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut slots,
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(SendError::BadResponse(error.to_string())),
@@ -388,19 +403,16 @@ fn parse_head(
     };
     // Header positions, so the values can share the head's buffer instead of being copied.
     let base = buf.as_ptr() as usize;
-    let mut positions = Vec::with_capacity(response.headers.len());
-    let mut names = Vec::with_capacity(response.headers.len());
+    let mut fields = Vec::with_capacity(response.headers.len());
     for header in response.headers.iter() {
         let start = header.value.as_ptr() as usize - base;
-        positions.push((start, start + header.value.len()));
-        names.push(
-            HeaderName::from_bytes(header.name.as_bytes())
-                .map_err(|_| SendError::BadResponse(format!("header name {:?}", header.name)))?,
-        );
+        let name = HeaderName::from_bytes(header.name.as_bytes())
+            .map_err(|_| SendError::BadResponse(format!("header name {:?}", header.name)))?;
+        fields.push((name, start, start + header.value.len()));
     }
-    let mut headers = HeaderMap::with_capacity(positions.len());
+    let mut headers = HeaderMap::with_capacity(fields.len());
     let head = buf.split_to(head_len).freeze();
-    for (name, (start, end)) in names.into_iter().zip(positions) {
+    for (name, start, end) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| SendError::BadResponse(format!("value of {name}")))?;
         headers.append(name, value);
