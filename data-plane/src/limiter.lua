@@ -20,6 +20,13 @@
 -- request is admitted while fewer than `limit` remain.
 -- Quota: a counter that expires at the end of its calendar period.
 --
+-- Within a batch, a key is read once per distinct request time and written once: the
+-- script keeps each key's count in a table, counts the admissions it decides, and writes them
+-- (one ZADD with every new member, one INCRBY) when the time changes and at the end. The
+-- decisions are those of deciding each request alone, in order: for one key and one time, a
+-- lone call would prune with the same cutoff and count what is already there plus the
+-- admissions before it.
+--
 -- Returns, request after request, {admitted (0|1), count_1, retry_ms_1, ..., count_n,
 -- retry_ms_n}: for each key the count after this request (or the count that refused it), and
 -- for a window that refused, ms until its oldest admission leaves it (-1 otherwise: the data
@@ -28,6 +35,23 @@ local requests = tonumber(ARGV[1])
 local out = {}
 local arg = 2
 local key = 1
+-- Per key: {now, count, pending (ZADD arguments or INCRBY amount), ttl argument}.
+local cache = {}
+
+local function flush(k, c)
+  if c.window then
+    if #c.pending > 0 then
+      redis.call('ZADD', k, unpack(c.pending))
+      redis.call('PEXPIRE', k, c.ttl)
+      c.pending = {}
+    end
+  elseif c.pending > 0 then
+    redis.call('INCRBY', k, c.pending)
+    redis.call('PEXPIREAT', k, c.ttl)
+    c.pending = 0
+  end
+end
+
 for _ = 1, requests do
   local now = ARGV[arg]
   local member = ARGV[arg + 1]
@@ -36,22 +60,34 @@ for _ = 1, requests do
   local admitted = 1
   local counts = {}
   local retries = {}
+  local entries = {}
   for i = 1, n do
     local k = KEYS[key + i - 1]
     local base = arg + 4 * (i - 1)
+    local window = ARGV[base] == '1'
     local limit = tonumber(ARGV[base + 1])
-    local count
-    if ARGV[base] == '1' then
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', ARGV[base + 3])
-      count = redis.call('ZCARD', k)
-    else
-      count = tonumber(redis.call('GET', k) or '0')
+    local c = cache[k]
+    if window then
+      if c == nil or c.now ~= now then
+        if c ~= nil then
+          flush(k, c)
+        end
+        redis.call('ZREMRANGEBYSCORE', k, '-inf', ARGV[base + 3])
+        c = {window = true, now = now, count = redis.call('ZCARD', k), pending = {}}
+        cache[k] = c
+      end
+    elseif c == nil then
+      c = {window = false, count = tonumber(redis.call('GET', k) or '0'), pending = 0}
+      cache[k] = c
     end
-    counts[i] = count
+    c.ttl = ARGV[base + 2]
+    entries[i] = c
+    counts[i] = c.count
     retries[i] = -1
-    if count >= limit then
+    if c.count >= limit then
       admitted = 0
-      if ARGV[base] == '1' and count > 0 then
+      if window and c.count > 0 then
+        flush(k, c)
         local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
         retries[i] = tonumber(oldest[2]) + tonumber(ARGV[base + 2]) - tonumber(now)
       end
@@ -59,16 +95,15 @@ for _ = 1, requests do
   end
   if admitted == 1 then
     for i = 1, n do
-      local k = KEYS[key + i - 1]
-      local base = arg + 4 * (i - 1)
-      if ARGV[base] == '1' then
-        redis.call('ZADD', k, now, member)
-        redis.call('PEXPIRE', k, ARGV[base + 2])
+      local c = entries[i]
+      c.count = c.count + 1
+      if c.window then
+        c.pending[#c.pending + 1] = now
+        c.pending[#c.pending + 1] = member
       else
-        redis.call('INCR', k)
-        redis.call('PEXPIREAT', k, ARGV[base + 2])
+        c.pending = c.pending + 1
       end
-      counts[i] = counts[i] + 1
+      counts[i] = c.count
     end
   end
   out[#out + 1] = admitted
@@ -78,5 +113,8 @@ for _ = 1, requests do
   end
   arg = arg + 4 * n
   key = key + n
+end
+for k, c in pairs(cache) do
+  flush(k, c)
 end
 return out

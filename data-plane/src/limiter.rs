@@ -508,6 +508,83 @@ mod tests {
         }
     }
 
+    /// Many requests decided in one script call, on the machine's Redis: the batch decides
+    /// exactly as one call per request would (counts 1..=limit, then refusals that consume
+    /// nothing), across a change of time within the batch and for quotas.
+    #[tokio::test]
+    async fn batched_decisions_match_one_call_per_request() {
+        let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(2))
+            .await
+            .expect("the machine's Redis on 127.0.0.1:6379");
+        let prefix = format!("{{tgunit-{:x}}}", rand::random::<u64>());
+        let window = check(&format!("{prefix}:w"), 10, Span::Window(1_000));
+        let quota = check(&format!("{prefix}:q"), 3, Span::Quota(QuotaPeriod::Day));
+        let t0 = 1_900_000_000_000;
+        let decide = |checks: Vec<Check>, now: i64, i: usize| {
+            let redis = &redis;
+            async move {
+                redis
+                    .decide(&checks, now, format!("m{i}"))
+                    .await
+                    .expect("Redis answers")
+            }
+        };
+
+        // 30 requests queued together (one batch), the second half a millisecond later.
+        let decisions = futures_util::future::join_all(
+            (0..30).map(|i| decide(vec![window.clone()], t0 + (i / 15) as i64, i)),
+        )
+        .await;
+        let mut counts: Vec<u64> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Admitted(usages) => Some(usages[0].count),
+                _ => None,
+            })
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, (1..=10).collect::<Vec<_>>());
+        // Refused half a window later: a slot frees when the oldest (t0) leaves.
+        match decide(vec![window.clone()], t0 + 500, 100).await {
+            Decision::Limited(usages, 0) => {
+                assert_eq!((usages[0].count, usages[0].reset_ms), (10, 500));
+            }
+            other => panic!("expected a refusal: {other:?}"),
+        }
+        // A window after t0 the first ten have left; refusals consumed nothing.
+        match decide(vec![window.clone()], t0 + 1_000, 101).await {
+            Decision::Admitted(usages) => assert_eq!(usages[0].count, 1),
+            other => panic!("expected an admission: {other:?}"),
+        }
+
+        // Quota and window together: all or nothing, in one batch.
+        let both = vec![window.clone(), quota.clone()];
+        let decisions = futures_util::future::join_all(
+            (0..6).map(|i| decide(both.clone(), t0 + 2_000, 200 + i)),
+        )
+        .await;
+        let admitted = decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Admitted(_)))
+            .count();
+        assert_eq!(admitted, 3, "the quota of 3 decides");
+        match decide(vec![window], t0 + 2_000, 300).await {
+            // The one of t0 + 1000 has just left; 3 admitted with the quota + this one.
+            Decision::Admitted(usages) => assert_eq!(usages[0].count, 4),
+            other => panic!("expected an admission: {other:?}"),
+        }
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").expect("client");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connection");
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(format!("{prefix}:w"))
+            .arg(format!("{prefix}:q"))
+            .query_async(&mut connection)
+            .await;
+    }
+
     #[test]
     fn memory_local_share_divides_the_limit() {
         let limiter = MemoryLimiter::default();
