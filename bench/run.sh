@@ -494,6 +494,17 @@ median_of() { # TARGET COLUMN (of runs.txt)
       if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+# TARGET COLUMN: the ratio TARGET/nginx of COLUMN within each round (both ran minutes apart at
+# most, so slow drift of a shared machine cancels out), as "median (min-max)".
+paired() {
+  awk -v t="$1" -v c="$2" 'NR > 1 && $2 == "nginx" && $c + 0 > 0 {base[$1] = $c}
+    NR > 1 && $2 == t {value[$1] = $c}
+    END {for (r in value) if (r in base) print value[r] / base[r]}' "$RUNS" |
+    sort -g | awk '{v[NR] = $1} END {
+      if (NR == 0) {print "-"; exit}
+      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+      printf "%.2f (%.2f-%.2f over %d rounds)", m, v[1], v[NR], NR }'
+}
 
 fmt() { # PRINTF-FORMAT VALUE: VALUE formatted, or as is when it is not a number ("-")
   awk -v f="$1" -v v="$2" 'BEGIN { if (v ~ /^-?[0-9.]+([eE][-+]?[0-9]+)?$/) printf f, v; else printf "%s", v }'
@@ -517,6 +528,11 @@ for t in direct nginx tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]
   done
   echo "tollgate/nginx rps:                                  $(ratio "${MED_RPS[tollgate]}" "${MED_RPS[nginx]}")"
   echo "tollgate/nginx CPU-us/req:                           $(ratio "${MED_CPU[tollgate]}" "${MED_CPU[nginx]}")"
+  for t in tollgate tollgate-auth-limit; do
+    [[ " ${TARGETS[*]} " == *" $t "* && " ${TARGETS[*]} " == *" nginx "* ]] || continue
+    printf '%-52s %s\n' "$t/nginx rps, paired per round:" "$(paired "$t" 3)"
+    printf '%-52s %s\n' "$t/nginx CPU-us/req, paired per round:" "$(paired "$t" 6)"
+  done
   if [[ -n "$WITH_REDIS" ]]; then
     echo "tollgate-auth-limit/nginx rps:                       $(ratio "${MED_RPS[tollgate-auth-limit]}" "${MED_RPS[nginx]}")"
     echo "tollgate-auth-limit/nginx CPU-us/req (proxy):        $(ratio "${MED_CPU[tollgate-auth-limit]}" "${MED_CPU[nginx]}")"
