@@ -301,6 +301,7 @@ async fn redis_outage_follows_each_policy_and_recovers_without_restart() {
             json!({"name": "free", "paths": ["/free"], "upstream": "u"}),
             route("open", 100_000, "fail_open"),
             route("closed", 5, "fail_closed"),
+            route("after", 5, "fail_closed"),
             route("local", 20, "local"),
         ],
         &[],
@@ -367,9 +368,11 @@ async fn redis_outage_follows_each_policy_and_recovers_without_restart() {
     })
     .await;
     eprintln!("limiter recovered {took:?} after Redis came back");
-    let mut admitted = 1; // the probe above
+    // Counted on a limit the probes never touched: a probe that timed out on its side (and
+    // was answered 503) may still have been counted by Redis a moment later.
+    let mut admitted = 0;
     for i in 0..12 {
-        if c.status(i % 2, "/closed", None).await == 200 {
+        if c.status(i % 2, "/after", None).await == 200 {
             admitted += 1;
         }
     }

@@ -547,7 +547,11 @@ async fn body_limits_hold_with_and_without_content_length() {
 
 /// A hand-written HTTP/1.1 upstream, to answer what well-behaved servers never send: its
 /// answer depends on the request path. Counts the connections it accepted.
-async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn raw_upstream() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -556,9 +560,12 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
     let addr = listener.local_addr().expect("addr");
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let drops = dropped.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
+            let drops = drops.clone();
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
                 loop {
@@ -576,6 +583,11 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
                     buffer.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/raw/drop" {
+                        // Reads the request, then closes without a word.
+                        drops.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     let (answer, close): (&[u8], bool) = match path.as_str() {
                         "/raw/chunked" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n", false),
                         "/raw/until-close" => (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nread until the upstream closes", true),
@@ -593,14 +605,14 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
             });
         }
     });
-    (format!("http://{addr}"), accepted)
+    (format!("http://{addr}"), accepted, dropped)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_framing_and_connection_reuse() {
     use std::sync::atomic::Ordering;
     let s = setup(&[]).await;
-    let (url, accepted) = raw_upstream().await;
+    let (url, accepted, dropped) = raw_upstream().await;
     s.cp.upstream_at("raw", &url).await;
     s.cp.create(
         "/routes",
@@ -653,6 +665,31 @@ async fn upstream_framing_and_connection_reuse() {
         opened <= 1,
         "20 sequential requests opened {opened} connections"
     );
+
+    // A raw UTF-8 query (which clients send and hyper accepts) is forwarded as is.
+    let answer = raw_request(
+        s.dp.proxy,
+        "GET /raw/keep?q=\u{e9}t\u{e9} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // An upstream that takes a request and closes without answering, on a pooled connection:
+    // a POST is never sent twice (it may have been acted on); a GET is retried once on a new
+    // connection, as nginx does.
+    let drop = |method: reqwest::Method| s.client.request(method, s.dp.url("/raw/drop")).send();
+    assert_eq!(text("/raw/keep").await.0, 200); // pools a connection
+    assert_eq!(
+        drop(reqwest::Method::POST).await.expect("answer").status(),
+        502
+    );
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the POST was replayed");
+    assert_eq!(text("/raw/keep").await.0, 200);
+    assert_eq!(
+        drop(reqwest::Method::GET).await.expect("answer").status(),
+        502
+    );
+    assert_eq!(dropped.load(Ordering::SeqCst), 3, "the GET was tried twice");
 
     // An upstream that closes a connection the proxy pooled: the next request still succeeds,
     // whether the close arrived before it (seen at checkout) or races with it (sent again).

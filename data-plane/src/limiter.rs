@@ -291,6 +291,12 @@ async fn run_batches(
     let script = redis::Script::new(include_str!("limiter.lua"));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // A request whose caller stopped waiting (its own timeout) must not be admitted: it
+        // was answered by its failure policy, and a refused request consumes nothing.
+        batch.retain(|pending: &Pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let mut invocation = script.prepare_invoke();
         invocation.arg(batch.len());
         for pending in &batch {

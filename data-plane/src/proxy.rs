@@ -199,11 +199,13 @@ async fn proxy(
     let query = parts.uri.query();
     let mut body: Option<CappedBody> =
         has_body.then(|| CappedBody::new(body, route.max_body_bytes));
-    if let Some(host) = route
+    // The client's Host when the route preserves it and there is one (an HTTP/1.0 client may
+    // send none: then the target's, as for other routes).
+    let client_host = route
         .preserve_host
         .then_some(host_header.as_ref())
-        .flatten()
-    {
+        .flatten();
+    if let Some(host) = client_host {
         headers.insert(HOST, host.clone());
     }
 
@@ -215,7 +217,7 @@ async fn proxy(
         let target = pool.pick();
         let _in_flight = (pool.algorithm == LoadBalancing::LeastConnections)
             .then(|| InFlight::new(&target.in_flight));
-        if !route.preserve_host {
+        if client_host.is_none() {
             headers.insert(HOST, target.host_header.clone());
         }
         let head = RequestHead {
@@ -235,6 +237,9 @@ async fn proxy(
                         return Err(ProxyError::BodyTooLarge(route.max_body_bytes.unwrap_or(0)));
                     }
                     SendError::Connect(_) => last_error = ProxyError::Unreachable,
+                    SendError::Target => {
+                        return Err(ProxyError::BadRequest(error.to_string()));
+                    }
                     _ => return Err(ProxyError::Unreachable),
                 }
             }

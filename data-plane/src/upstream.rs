@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -146,15 +146,11 @@ impl HostConns {
 /// Whether an idle connection is still usable: nothing arrived on it since its last response
 /// (neither the upstream's close nor stray bytes). Costs no system call when nothing did.
 fn still_open(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
-    }
+    // `try_read` consults the reactor's cached readiness first: no system call while nothing
+    // arrived, and unlike `poll_read_ready` it is not subject to the task's cooperative budget
+    // (which would report "pending", i.e. "open", for dead connections once spent).
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Why a request could not be sent or its response head not read.
@@ -175,6 +171,9 @@ pub enum SendError {
     /// The upstream's answer is not valid HTTP/1.x.
     #[error("invalid response from upstream: {0}")]
     BadResponse(String),
+    /// The request target has bytes that cannot go on a request line (the client's fault).
+    #[error("the request target cannot be forwarded")]
+    Target,
     /// A reused connection was closed by the upstream before any response byte (the request
     /// can be sent again on a fresh connection when it had no body).
     #[error("pooled connection closed by the upstream")]
@@ -202,15 +201,19 @@ pub async fn send(
     let encoded = encode_head(head, body.as_ref())?;
     let chunked = body.is_some() && !head.headers.contains_key(CONTENT_LENGTH);
     if body.is_none()
+        && head.method.is_idempotent()
         && let Some(stream) = host.checkout()
     {
-        // A pooled connection the upstream closed at the same moment: once more, on a new one.
+        // A pooled connection the upstream closed at the same moment, before any byte of an
+        // answer: an idempotent request goes once more, on a new connection (as nginx does).
+        // Anything else gets a fresh connection from the start, never a replay.
         match exchange(host, stream, &encoded, None, false, head.method).await {
             Err(SendError::Stale) => {}
             other => return other,
         }
     }
-    let stream = match body.is_some().then(|| host.checkout()).flatten() {
+    let reuse = body.is_some() || !head.method.is_idempotent();
+    let stream = match reuse.then(|| host.checkout()).flatten() {
         Some(stream) => stream,
         None => host.dial(connect_timeout).await?,
     };
@@ -230,6 +233,9 @@ async fn exchange(
         write_body(&mut stream, body, chunked).await?;
     }
     let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
+    // Whether any byte of an answer arrived (then a failure is never "stale": the upstream
+    // got the request).
+    let mut answered = false;
     loop {
         let (parts, framing, reusable) = loop {
             if let Some(parsed) = parse_head(&mut buf, method)? {
@@ -239,14 +245,19 @@ async fn exchange(
                 return Err(SendError::BadResponse("response head too large".into()));
             }
             buf.reserve(HEAD_CHUNK);
-            let read = stream.read_buf(&mut buf).await.map_err(stale_if_reset)?;
+            let read = match stream.read_buf(&mut buf).await {
+                Ok(read) => read,
+                Err(error) if answered => return Err(SendError::Io(error)),
+                Err(error) => return Err(stale_if_reset(error)),
+            };
             if read == 0 {
-                return Err(if buf.is_empty() {
-                    SendError::Stale
-                } else {
+                return Err(if answered {
                     SendError::BadResponse("connection closed inside the response head".into())
+                } else {
+                    SendError::Stale
                 });
             }
+            answered = true;
         };
         if parts.status.is_informational() {
             if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -279,14 +290,14 @@ fn stale_if_reset(error: io::Error) -> SendError {
 /// unknown length follows.
 fn encode_head(head: &RequestHead<'_>, body: Option<&CappedBody>) -> Result<Vec<u8>, SendError> {
     let unsendable = |part: &str| part.bytes().any(|b| b <= b' ' || b == 0x7f || b >= 0x80);
+    // A query may carry raw UTF-8 (clients send it, hyper accepts it); never controls or spaces.
+    let bad_query = |query: &str| query.bytes().any(|b| b <= b' ' || b == 0x7f);
     if head.path.is_empty()
         || unsendable(head.base)
         || unsendable(head.path)
-        || head.query.is_some_and(unsendable)
+        || head.query.is_some_and(bad_query)
     {
-        return Err(SendError::BadResponse(
-            "the request target cannot be forwarded".into(),
-        ));
+        return Err(SendError::Target);
     }
     let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
     out.extend_from_slice(head.method.as_str().as_bytes());
@@ -418,17 +429,16 @@ fn parse_head(
         headers.append(name, value);
     }
 
-    let mut keep_alive = version == Version::HTTP_11;
+    let (mut close, mut keep_alive_token) = (false, false);
     for value in headers.get_all(CONNECTION) {
         for token in value.to_str().unwrap_or("").split(',') {
             let token = token.trim();
-            if token.eq_ignore_ascii_case("close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
-                keep_alive = true;
-            }
+            close |= token.eq_ignore_ascii_case("close");
+            keep_alive_token |= token.eq_ignore_ascii_case("keep-alive");
         }
     }
+    // `close` always wins; HTTP/1.0 keeps the connection only when asked to.
+    let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
     // Some(whether the last coding is chunked) when Transfer-Encoding is present.
     let chunked = headers
         .get_all(http::header::TRANSFER_ENCODING)
@@ -450,8 +460,11 @@ fn parse_head(
         Framing::Done
     } else if let Some(chunked) = chunked {
         // Transfer-Encoding wins; a length next to it is meaningless (and would mislead the
-        // client), so it goes.
-        headers.remove(CONTENT_LENGTH);
+        // client), so it goes. Both at once, or Transfer-Encoding from an HTTP/1.0 server, is
+        // how desynchronisation starts (RFC 9112 §6.1): that connection is not reused.
+        if headers.remove(CONTENT_LENGTH).is_some() || version == Version::HTTP_10 {
+            keep_alive = false;
+        }
         if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -788,7 +801,8 @@ mod tests {
         )
         .expect("valid")
         .expect("complete");
-        assert_eq!((framing, keep), (Framing::Chunked(Chunk::Size), true));
+        // Chunked wins, and a length beside it makes the connection not worth reusing.
+        assert_eq!((framing, keep), (Framing::Chunked(Chunk::Size), false));
         let (_, framing, keep, _) = parse("HTTP/1.1 200 OK\r\n\r\n", &get)
             .expect("valid")
             .expect("complete");
@@ -804,6 +818,13 @@ mod tests {
         .expect("valid")
         .expect("complete");
         assert_eq!(framing, Framing::Done);
+        let (_, _, keep, _) = parse(
+            "HTTP/1.0 200 OK\r\nconnection: close, keep-alive\r\ncontent-length: 0\r\n\r\n",
+            &get,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(!keep, "close wins");
         let (_, _, keep, _) = parse("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n", &get)
             .expect("valid")
             .expect("complete");
