@@ -595,6 +595,8 @@ async fn raw_upstream() -> (
                         "/raw/early-hints" => (b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal", false),
                         // Keep-alive as far as the headers say, then closed anyway.
                         "/raw/then-close" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce", true),
+                        // A HEAD answer: the length of the body it would have, and no body.
+                        "/raw/head" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
                         "/raw/truncated" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", true),
                         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
                     };
@@ -653,6 +655,26 @@ async fn upstream_framing_and_connection_reuse() {
         _ => None,
     };
     assert_eq!(truncated, None, "truncated body passed as complete");
+
+    // HEAD: no body read after the head, whatever Content-Length says, and the connection is
+    // reused right after (a body expected here would hang or desynchronise it).
+    assert_eq!(text("/raw/keep").await.0, 200); // one pooled connection
+    let before = accepted.load(Ordering::SeqCst);
+    let head = s
+        .client
+        .head(s.dp.url("/raw/head"))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "5");
+    let (status, body, _) = text("/raw/keep").await;
+    assert_eq!((status, body.expect("body").as_str()), (200, "ok"));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before,
+        "HEAD and the request after it reuse the pooled connection"
+    );
 
     // Keep-alive: sequential requests share one upstream connection.
     let before = accepted.load(Ordering::SeqCst);
