@@ -32,7 +32,34 @@ pub struct CappedBody {
 #[error("request body larger than the route allows")]
 pub struct BodyOverLimit;
 
+/// Most of a refused request's body read and thrown away, and for how long.
+const DISCARD_MAX_BYTES: u64 = 256 * 1024;
+const DISCARD_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and throws away what is left of a client's request body (bounded in bytes and
+/// time), so that an early refusal such as 413 reaches the client: a socket closed with
+/// unread bytes is reset, and the reset can destroy the answer before the client reads it.
+pub async fn discard_body(body: &mut hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    let mut left = DISCARD_MAX_BYTES;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let size = frame.data_ref().map_or(0, |data| data.len() as u64);
+            if size >= left {
+                return;
+            }
+            left -= size;
+        }
+    })
+    .await;
+}
+
 impl CappedBody {
+    /// Throws away the rest of the client's body (see [`discard_body`]).
+    pub async fn discard_rest(&mut self) {
+        discard_body(&mut self.inner).await;
+    }
+
     /// Caps `inner` at `limit` bytes (`None`: no cap).
     pub fn new(inner: hyper::body::Incoming, limit: Option<u64>) -> Self {
         Self {

@@ -82,7 +82,7 @@ async fn proxy(
     request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
-    let (parts, body) = request.into_parts();
+    let (parts, mut body) = request.into_parts();
     let content_length = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -119,6 +119,7 @@ async fn proxy(
     if let (Some(max), Some(length)) = (route.max_body_bytes, content_length)
         && length > max
     {
+        crate::config::discard_body(&mut body).await;
         return Err(ProxyError::BodyTooLarge(max));
     }
 

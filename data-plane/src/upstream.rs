@@ -198,8 +198,9 @@ pub async fn send(
     head: &RequestHead<'_>,
     body: Option<CappedBody>,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
-    let encoded = encode_head(head, body.as_ref())?;
+    // A body of unknown length goes chunked.
     let chunked = body.is_some() && !head.headers.contains_key(CONTENT_LENGTH);
+    let encoded = encode_head(head, chunked)?;
     if body.is_none()
         && head.method.is_idempotent()
         && let Some(stream) = host.checkout()
@@ -288,7 +289,7 @@ fn stale_if_reset(error: io::Error) -> SendError {
 
 /// `METHOD target HTTP/1.1`, the headers, and `Transfer-Encoding: chunked` when a body of
 /// unknown length follows.
-fn encode_head(head: &RequestHead<'_>, body: Option<&CappedBody>) -> Result<Vec<u8>, SendError> {
+fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<Vec<u8>, SendError> {
     let unsendable = |part: &str| part.bytes().any(|b| b <= b' ' || b == 0x7f || b >= 0x80);
     // A query may carry raw UTF-8 (clients send it, hyper accepts it); never controls or spaces.
     let bad_query = |query: &str| query.bytes().any(|b| b <= b' ' || b == 0x7f);
@@ -318,7 +319,7 @@ fn encode_head(head: &RequestHead<'_>, body: Option<&CappedBody>) -> Result<Vec<
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if body.is_some() && !head.headers.contains_key(CONTENT_LENGTH) {
+    if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -331,13 +332,15 @@ async fn write_body(
     chunked: bool,
 ) -> Result<(), SendError> {
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|error| {
-            if error.is::<BodyOverLimit>() {
-                SendError::BodyOverLimit
-            } else {
-                SendError::Body(error.to_string())
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) if error.is::<BodyOverLimit>() => {
+                // The client gets a 413: let it finish sending so that it can read it.
+                body.discard_rest().await;
+                return Err(SendError::BodyOverLimit);
             }
-        })?;
+            Err(error) => return Err(SendError::Body(error.to_string())),
+        };
         let Ok(data) = frame.into_data() else {
             continue; // trailers are not forwarded
         };
