@@ -18,6 +18,14 @@ struct Setup {
 }
 
 async fn setup(routes: &[Value]) -> Setup {
+    setup_configured(routes, |_| {}).await
+}
+
+/// Like [`setup`], with the data plane's settings adjusted by `configure`.
+async fn setup_configured(
+    routes: &[Value],
+    configure: impl FnOnce(&mut tollgate_data_plane::Settings),
+) -> Setup {
     let cp = TestApp::spawn(Backend::Postgres).await;
     let upstream = TestUpstream::start("u").await;
     cp.upstream_at("u", &upstream.url()).await;
@@ -25,7 +33,7 @@ async fn setup(routes: &[Value]) -> Setup {
         cp.create("/routes", route.clone()).await;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let dp = TestDp::start(cp.cluster, dir.path(), "dp-1").await;
+    let dp = TestDp::start_configured(cp.cluster, dir.path(), "dp-1", configure).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -42,6 +50,25 @@ async fn setup(routes: &[Value]) -> Setup {
 }
 
 impl Setup {
+    /// Starts [`raw_upstream`] and routes `/raw` to it; returns its accept and drop counters.
+    async fn add_raw_upstream(
+        &self,
+    ) -> (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (url, accepted, dropped) = raw_upstream().await;
+        self.cp.upstream_at("raw", &url).await;
+        self.cp
+            .create(
+                "/routes",
+                json!({"name": "raw", "paths": ["/raw"], "upstream": "raw"}),
+            )
+            .await;
+        self.sync().await;
+        (accepted, dropped)
+    }
+
     /// Waits until the data plane serves the control plane's current revision.
     async fn sync(&self) {
         self.dp.synced_with(&self.cp).await;
@@ -583,6 +610,28 @@ async fn raw_upstream() -> (
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
                     buffer.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/raw/drip" || path == "/raw/late" {
+                        // The answer (or, for drip, its second half) comes after a second.
+                        let (first, rest): (&[u8], &[u8]) = if path == "/raw/drip" {
+                            (
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+                                b"world",
+                            )
+                        } else {
+                            (
+                                b"",
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhelloworld",
+                            )
+                        };
+                        if stream.write_all(first).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if stream.write_all(rest).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     if path == "/raw/drop" {
                         // Reads the request, then closes without a word.
                         drops.fetch_add(1, Ordering::SeqCst);
@@ -614,14 +663,7 @@ async fn raw_upstream() -> (
 async fn upstream_framing_and_connection_reuse() {
     use std::sync::atomic::Ordering;
     let s = setup(&[]).await;
-    let (url, accepted, dropped) = raw_upstream().await;
-    s.cp.upstream_at("raw", &url).await;
-    s.cp.create(
-        "/routes",
-        json!({"name": "raw", "paths": ["/raw"], "upstream": "raw"}),
-    )
-    .await;
-    s.sync().await;
+    let (accepted, dropped) = s.add_raw_upstream().await;
     let text = |path: &'static str| {
         let request = s.client.get(s.dp.url(path));
         async move {
@@ -722,4 +764,132 @@ async fn upstream_framing_and_connection_reuse() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Reads and discards until the server closes; how long that took, or `None` if it was still
+/// open after `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = limit.checked_sub(start.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads one response with a Content-Length body from a raw connection; returns it whole.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("content-length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buffer[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_requests() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    const TIMEOUT: Duration = Duration::from_millis(400);
+    let s = setup_configured(
+        &[json!({"name": "t", "paths": ["/t"], "upstream": "u"})],
+        |settings| settings.header_timeout_ms = 400,
+    )
+    .await;
+    s.add_raw_upstream().await;
+    let seen_before = s.upstream.requests().len();
+
+    // Slowloris: a head that never completes is cut after the timeout, and never forwarded.
+    let mut slow = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    slow.write_all(b"GET /t/slowloris HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n")
+        .await
+        .expect("write");
+    let closed = closed_within(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("a head that never completes is cut");
+    assert!(
+        closed >= TIMEOUT - Duration::from_millis(50),
+        "cut early: {closed:?}"
+    );
+    // A connection that never sends anything is cut too.
+    let mut silent = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    // Keep-alive: requests closer together than the timeout keep the connection for longer
+    // than the timeout in all; after the last one, it is closed when the timeout is up.
+    let mut kept = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    for _ in 0..5 {
+        kept.write_all(b"GET /t/keep HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(TIMEOUT / 2).await;
+    }
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    // A request in flight is never cut: not while the upstream thinks (no response yet), not
+    // while the response body trickles in, each for longer than the timeout.
+    let mut busy = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    for path in ["/raw/late", "/raw/drip"] {
+        busy.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let answer = read_response(&mut busy).await;
+        assert!(answer.ends_with("\r\n\r\nhelloworld"), "{path}: {answer}");
+    }
+
+    // HTTP/2 (prior knowledge) is not an HTTP/1 head: an idle one stays open.
+    let mut h2 = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("write");
+    assert_eq!(
+        closed_within(&mut h2, TIMEOUT * 3).await,
+        None,
+        "idle HTTP/2 cut"
+    );
+
+    let seen: Vec<String> = s.upstream.requests()[seen_before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(!seen.iter().any(|p| p.contains("slowloris")), "{seen:?}");
 }

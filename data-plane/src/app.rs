@@ -20,7 +20,7 @@ pub struct DataPlane {
     status: TcpListener,
     shared: Arc<Shared>,
     sync: SyncClient,
-    max_header_bytes: usize,
+    limits: crate::server::ConnectionLimits,
     redis: Option<(tollgate_shared::Secret, Duration)>,
 }
 
@@ -87,7 +87,10 @@ impl DataPlane {
                 heartbeat: Duration::from_secs(settings.heartbeat_seconds),
             },
             shared,
-            max_header_bytes: settings.max_header_bytes,
+            limits: crate::server::ConnectionLimits {
+                max_header_bytes: settings.max_header_bytes,
+                header_timeout: Duration::from_millis(settings.header_timeout_ms),
+            },
             redis: settings
                 .redis_url
                 .clone()
@@ -175,7 +178,7 @@ impl DataPlane {
             crate::server::serve_proxy(
                 self.proxy,
                 self.shared.clone(),
-                self.max_header_bytes,
+                self.limits,
                 cancel.clone()
             ),
             crate::server::serve_status(self.status, self.shared.clone(), cancel.clone()),

@@ -9,6 +9,7 @@
 //! - [`health`]: active health checks of upstream targets.
 //! - [`server`]: the proxy and status listeners.
 //! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
+//! - [`watchdog`]: the header timeout (slowloris guard), one timer per connection.
 //! - [`proxy`]: the request pipeline, phase by phase.
 //! - [`auth`], [`jwt`]: API-key and JWT authentication.
 //! - [`limiter`]: rate limits and quotas (Redis script or memory) and failure policies.
@@ -31,6 +32,7 @@ pub mod settings;
 pub mod state;
 pub mod sync;
 pub mod upstream;
+pub mod watchdog;
 
 pub use app::DataPlane;
 pub use settings::Settings;

@@ -1,6 +1,7 @@
 //! The listeners: the proxy (HTTP/1.1 and cleartext HTTP/2, keep-alive) and the status
 //! endpoints (`/healthz`, `/readyz`, `/metrics`).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,24 +18,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::framing::Guarded;
 use crate::state::Shared;
+use crate::watchdog::{Activity, Ended, Tracked, watch};
 
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// Per-connection limits of the proxy listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Largest request head; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Longest wait for a complete HTTP/1 request head (see [`crate::watchdog`]).
+    pub header_timeout: Duration,
+}
 
 /// Accepts proxy connections until `cancel`, then drains in-flight requests.
 pub async fn serve_proxy(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_header_bytes: usize,
+    limits: ConnectionLimits,
     cancel: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own header timeout re-arms a timer for every request; the watchdog keeps one
+    // per connection instead.
     builder
         .http1()
         .keep_alive(true)
-        .max_buf_size(max_header_bytes)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .max_buf_size(limits.max_header_bytes)
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -54,14 +66,29 @@ pub async fn serve_proxy(
                 // Built once per connection, not per request.
                 let peer_value = http::HeaderValue::from_str(&peer.ip().to_canonical().to_string())
                     .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-                let service = service_fn(move |request| {
-                    crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request)
+                let activity = Activity::new();
+                let service = service_fn({
+                    let activity = activity.clone();
+                    move |request| {
+                        let in_flight = activity.begin();
+                        let response =
+                            crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request);
+                        async move {
+                            let response = response.await?;
+                            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+                        }
+                    }
                 });
-                let connection = builder.serve_connection(TokioIo::new(Guarded::new(stream)), service).into_owned();
+                let stream = TokioIo::new(Guarded::new(stream, Some(activity.clone())));
+                let connection = builder.serve_connection(stream, service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    match watch(connection, activity, limits.header_timeout).await {
+                        Ok(Ended::Done) => {}
+                        Ok(Ended::HeaderTimeout) => {
+                            tracing::debug!(%peer, "closed: no request head within the header timeout");
+                        }
+                        Err(error) => tracing::debug!(%error, %peer, "connection ended with an error"),
                     }
                 });
             }

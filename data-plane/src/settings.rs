@@ -61,6 +61,11 @@ pub struct Settings {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, env = "TOLLGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
+    /// Longest time an HTTP/1 connection may take to send a complete request head, counted
+    /// from when it was accepted or its last response ended (slowloris guard; also the idle
+    /// keep-alive timeout). Longer gets the connection closed.
+    #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub header_timeout_ms: u64,
 }
 
 impl Settings {
@@ -85,6 +90,9 @@ impl Settings {
         }
         if self.redis_timeout_ms == 0 {
             anyhow::bail!("TOLLGATE_REDIS_TIMEOUT_MS must be at least 1");
+        }
+        if self.header_timeout_ms < 100 {
+            anyhow::bail!("TOLLGATE_HEADER_TIMEOUT_MS must be at least 100");
         }
         if self.max_header_bytes < 8192 {
             anyhow::bail!("TOLLGATE_MAX_HEADER_BYTES must be at least 8192");

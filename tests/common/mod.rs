@@ -589,6 +589,7 @@ impl TestDp {
             trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
             heartbeat_seconds: 1,
             max_header_bytes: 16 * 1024,
+            header_timeout_ms: 30_000,
             redis_url: None,
             redis_prefix: "tollgate".into(),
             jwks_ca_file: None,
