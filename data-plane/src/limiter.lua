@@ -4,117 +4,166 @@
 -- flight as one batch: one EVALSHA, one round trip, for all of them. Each request is decided
 -- exactly as if it had been sent alone, in this order.
 --
--- KEYS: the keys of every request, request after request.
--- ARGV[1]: the number of requests.
--- Then per request: its time (Unix milliseconds, the data plane's clock when it arrived), a
---   member unique to this admission (for the sliding-window sets), its number of keys n, and
---   per key: kind ('1' = sliding window, '2' = calendar quota), limit, then for a window its
---   length in ms and the cutoff (time - length: older admissions no longer count), for a
---   quota the end of the period in Unix ms and '0'.
+-- The batch's distinct limits come first, once each; requests name them by index.
+-- ARGV[1]: the number of distinct limits D. Then per limit: kind ('1' = sliding window,
+--   '2' = calendar quota), limit, and for a window its length in ms, for a quota the end of
+--   its period in Unix ms.
+-- KEYS, limit after limit: a window has two keys (its buckets, a sorted set of the
+--   milliseconds that hold admissions; its counts, a hash of admissions per millisecond plus
+--   the total under 't'), a quota one (its counter).
+-- Then the number of requests R, and per request: its time (Unix ms, the data plane's clock
+--   when it arrived), its number of limits n, and the index (1-based) of each.
+--
+-- Sliding window (exact, at millisecond resolution like the times themselves): a request is
+-- admitted while fewer than `limit` admissions happened after time - length. Admissions are
+-- counted per millisecond, not one sorted-set member each: the work follows the number of
+-- distinct milliseconds, not of requests. Expired milliseconds are subtracted from the total
+-- and removed when a later request looks.
+-- Quota: a counter that expires at the end of its calendar period.
+--
+-- Within a batch, a key is read once per distinct request time and written once per distinct
+-- time: the script keeps each limit's count in a table, counts the admissions it decides, and
+-- writes them when the time changes and at the end. The decisions are those of deciding each
+-- request alone, in order.
 --
 -- Numbers stay the strings the data plane sent wherever Redis only passes them on (scores,
 -- TTLs): turning a Lua number back into a string costs a float formatting and a parse each
--- time, which was most of this script's cost.
---
--- Sliding window (exact): a sorted set of the admission times within the last window; a
--- request is admitted while fewer than `limit` remain.
--- Quota: a counter that expires at the end of its calendar period.
---
--- Within a batch, a key is read once per distinct request time and written once: the
--- script keeps each key's count in a table, counts the admissions it decides, and writes them
--- (one ZADD with every new member, one INCRBY) when the time changes and at the end. The
--- decisions are those of deciding each request alone, in order: for one key and one time, a
--- lone call would prune with the same cutoff and count what is already there plus the
--- admissions before it.
+-- time.
 --
 -- Returns, request after request, {admitted (0|1), count_1, retry_ms_1, ..., count_n,
--- retry_ms_n}: for each key the count after this request (or the count that refused it), and
--- for a window that refused, ms until its oldest admission leaves it (-1 otherwise: the data
--- plane knows the window length and the period end).
-local requests = tonumber(ARGV[1])
-local out = {}
+-- retry_ms_n}: for each limit the count after this request (or the count that refused it),
+-- and for a window that refused, ms until its oldest admission leaves it (-1 otherwise: the
+-- data plane knows the window length and the period end).
+
+local limits = {}
 local arg = 2
 local key = 1
--- Per key: {now, count, pending (ZADD arguments or INCRBY amount), ttl argument}.
+for j = 1, tonumber(ARGV[1]) do
+  local l = {window = ARGV[arg] == '1', limit = tonumber(ARGV[arg + 1]), span = ARGV[arg + 2]}
+  l.k = KEYS[key]
+  if l.window then
+    l.n = KEYS[key + 1]
+    l.length = tonumber(l.span)
+    key = key + 2
+  else
+    key = key + 1
+  end
+  limits[j] = l
+  arg = arg + 3
+end
+
+-- Per key: {now, count, pending admissions at `now`, dirty (the total must be written),
+-- written (admissions were written: the keys' expiry moves)}.
 local cache = {}
 
-local function flush(k, c)
-  if c.window then
-    if #c.pending > 0 then
-      redis.call('ZADD', k, unpack(c.pending))
-      redis.call('PEXPIRE', k, c.ttl)
-      c.pending = {}
+-- Writes the admissions counted at `c.now`.
+local function flush(l, c)
+  if c.pending == 0 then
+    return
+  end
+  if l.window then
+    redis.call('ZADD', l.k, c.now, c.now)
+    redis.call('HINCRBY', l.n, c.now, c.pending)
+    c.dirty = true
+    c.written = true
+  else
+    redis.call('INCRBY', l.k, c.pending)
+    redis.call('PEXPIREAT', l.k, l.span)
+  end
+  c.pending = 0
+end
+
+-- Subtracts from c.count the milliseconds that left the window at `now`, and drops them.
+local function prune(l, c, now)
+  local cutoff = tonumber(now) - l.length
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, 1000)
+    if #gone == 0 then
+      return
     end
-  elseif c.pending > 0 then
-    redis.call('INCRBY', k, c.pending)
-    redis.call('PEXPIREAT', k, c.ttl)
-    c.pending = 0
+    local counts = redis.call('HMGET', l.n, unpack(gone))
+    for i = 1, #gone do
+      c.count = c.count - tonumber(counts[i] or '0')
+    end
+    if c.count < 0 then
+      c.count = 0
+    end
+    redis.call('HDEL', l.n, unpack(gone))
+    redis.call('ZREM', l.k, unpack(gone))
+    c.dirty = true
+    if #gone < 1000 then
+      return
+    end
   end
 end
 
-for _ = 1, requests do
+local out = {}
+for _ = 1, tonumber(ARGV[arg]) do
+  arg = arg + 1
   local now = ARGV[arg]
-  local member = ARGV[arg + 1]
-  local n = tonumber(ARGV[arg + 2])
-  arg = arg + 3
+  local n = tonumber(ARGV[arg + 1])
+  arg = arg + 2
   local admitted = 1
-  local counts = {}
-  local retries = {}
-  local entries = {}
+  local base = #out + 1
+  out[base] = 1
   for i = 1, n do
-    local k = KEYS[key + i - 1]
-    local base = arg + 4 * (i - 1)
-    local window = ARGV[base] == '1'
-    local limit = tonumber(ARGV[base + 1])
-    local c = cache[k]
-    if window then
-      if c == nil or c.now ~= now then
-        if c ~= nil then
-          flush(k, c)
-        end
-        redis.call('ZREMRANGEBYSCORE', k, '-inf', ARGV[base + 3])
-        c = {window = true, now = now, count = redis.call('ZCARD', k), pending = {}}
-        cache[k] = c
+    local l = limits[tonumber(ARGV[arg + i - 1])]
+    local c = cache[l.k]
+    if l.window then
+      if c == nil then
+        c = {now = now, count = tonumber(redis.call('HGET', l.n, 't') or '0'), pending = 0}
+        cache[l.k] = c
+        prune(l, c, now)
+      elseif c.now ~= now then
+        flush(l, c)
+        c.now = now
+        prune(l, c, now)
       end
     elseif c == nil then
-      c = {window = false, count = tonumber(redis.call('GET', k) or '0'), pending = 0}
-      cache[k] = c
+      c = {now = now, count = tonumber(redis.call('GET', l.k) or '0'), pending = 0}
+      cache[l.k] = c
     end
-    c.ttl = ARGV[base + 2]
-    entries[i] = c
-    counts[i] = c.count
-    retries[i] = -1
-    if c.count >= limit then
+    out[base + 2 * i - 1] = c.count
+    out[base + 2 * i] = -1
+    if c.count >= l.limit then
       admitted = 0
-      if window and c.count > 0 then
-        flush(k, c)
-        local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
-        retries[i] = tonumber(oldest[2]) + tonumber(ARGV[base + 2]) - tonumber(now)
+      if l.window and c.count > 0 then
+        flush(l, c)
+        local oldest = redis.call('ZRANGE', l.k, 0, 0, 'WITHSCORES')
+        if oldest[2] then
+          out[base + 2 * i] = tonumber(oldest[2]) + l.length - tonumber(now)
+        end
       end
     end
   end
   if admitted == 1 then
     for i = 1, n do
-      local c = entries[i]
+      local l = limits[tonumber(ARGV[arg + i - 1])]
+      local c = cache[l.k]
       c.count = c.count + 1
-      if c.window then
-        c.pending[#c.pending + 1] = now
-        c.pending[#c.pending + 1] = member
-      else
-        c.pending = c.pending + 1
-      end
-      counts[i] = c.count
+      c.pending = c.pending + 1
+      out[base + 2 * i - 1] = c.count
+    end
+  else
+    out[base] = 0
+  end
+  arg = arg + n - 1
+end
+for j = 1, #limits do
+  local l = limits[j]
+  local c = cache[l.k]
+  if c ~= nil then
+    flush(l, c)
+    if c.dirty then
+      redis.call('HSET', l.n, 't', c.count)
+      c.dirty = false
+    end
+    if c.written then
+      -- Everything counted leaves the window one length after the latest admission.
+      redis.call('PEXPIRE', l.k, l.span)
+      redis.call('PEXPIRE', l.n, l.span)
+      c.written = false
     end
   end
-  out[#out + 1] = admitted
-  for i = 1, n do
-    out[#out + 1] = counts[i]
-    out[#out + 1] = retries[i]
-  end
-  arg = arg + 4 * n
-  key = key + n
-end
-for k, c in pairs(cache) do
-  flush(k, c)
 end
 return out

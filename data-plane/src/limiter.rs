@@ -2,12 +2,13 @@
 //! in **one** round trip — a Lua script on shared Redis, or the same semantics in memory.
 //!
 //! - **Rate limits** use an exact sliding window: a request is admitted while fewer than `limit`
-//!   requests were admitted in the last `window` (a sorted set of admission times per key), so
-//!   no window of that length ever holds more than `limit`. Fixed windows admit up to twice the
+//!   requests were admitted in the last `window` (admissions counted per millisecond: a sorted
+//!   set of the milliseconds and a hash of their counts and total, see `limiter.lua`), so no
+//!   window of that length ever holds more than `limit`. Fixed windows admit up to twice the
 //!   limit across a boundary; GCRA admits a burst of `limit` and then the steady rate, so over
 //!   one window of sustained load up to about twice the limit. The price is memory
-//!   proportional to the limit per key, fine for per-second and per-minute limits; long
-//!   periods are quotas.
+//!   proportional to the distinct milliseconds with admissions per key, fine for per-second
+//!   and per-minute limits; long periods are quotas.
 //! - **Quotas** are calendar counters (UTC day or month) that expire at the period's end.
 //! - **A refused request consumes nothing.**
 //! - Keys share one hash tag (`{prefix}`), so the script's keys sit in one Redis Cluster slot.
@@ -22,7 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tollgate_shared::limits::period_end;
+use tollgate_shared::limits::{self, period_end};
 use tollgate_shared::{FailurePolicy, QuotaPeriod};
 
 /// What one limit counts in.
@@ -200,12 +201,19 @@ pub struct RedisLimiter {
 /// One request waiting for its batch.
 struct Pending {
     now_ms: i64,
-    member: String,
-    keys: Vec<String>,
-    /// Per key: kind (1 window, 2 quota), limit, then window length and cutoff (now - length),
-    /// or period end and 0.
-    args: Vec<(u8, u64, i64, i64)>,
+    limits: Vec<LimitArgs>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, String>>,
+}
+
+/// One limit as the script takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LimitArgs {
+    key: String,
+    /// 1 window, 2 quota.
+    kind: u8,
+    limit: u64,
+    /// The window's length, or the end of the quota's period (Unix ms).
+    span: i64,
 }
 
 /// How long an open breaker skips Redis before letting one request probe it.
@@ -233,20 +241,26 @@ impl RedisLimiter {
     }
 
     /// Decides one request; `None` when Redis is unavailable (error, timeout, breaker open).
-    pub async fn decide(&self, checks: &[Check], now_ms: i64, member: String) -> Option<Decision> {
+    pub async fn decide(&self, checks: &[Check], now_ms: i64) -> Option<Decision> {
         if self.open_until_ms.load(Ordering::Relaxed) > now_ms {
             return None;
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending {
             now_ms,
-            member,
-            keys: checks.iter().map(|c| c.key.clone()).collect(),
-            args: checks
+            limits: checks
                 .iter()
-                .map(|check| match check.span {
-                    Span::Window(window) => (1, check.limit, window, now_ms - window),
-                    Span::Quota(period) => (2, check.limit, period_end(period, now_ms).0, 0),
+                .map(|check| {
+                    let (kind, span) = match check.span {
+                        Span::Window(window) => (1, window),
+                        Span::Quota(period) => (2, period_end(period, now_ms).0),
+                    };
+                    LimitArgs {
+                        key: check.key.clone(),
+                        kind,
+                        limit: check.limit,
+                        span,
+                    }
                 })
                 .collect(),
             reply,
@@ -297,20 +311,7 @@ async fn run_batches(
         if batch.is_empty() {
             continue;
         }
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(batch.len());
-        for pending in &batch {
-            invocation
-                .arg(pending.now_ms)
-                .arg(&pending.member)
-                .arg(pending.keys.len());
-            for key in &pending.keys {
-                invocation.key(key);
-            }
-            for (kind, limit, span, cutoff) in &pending.args {
-                invocation.arg(*kind).arg(*limit).arg(*span).arg(*cutoff);
-            }
-        }
+        let invocation = invocation(&script, &batch);
         let result: Result<Vec<i64>, String> =
             match tokio::time::timeout(timeout, invocation.invoke_async(&mut connection)).await {
                 Ok(Ok(values)) => Ok(values),
@@ -321,7 +322,7 @@ async fn run_batches(
             Ok(values) => {
                 let mut offset = 0;
                 for pending in batch.drain(..) {
-                    let end = (offset + 1 + 2 * pending.keys.len()).min(values.len());
+                    let end = (offset + 1 + 2 * pending.limits.len()).min(values.len());
                     let answer = values.get(offset..end).map(<[i64]>::to_vec);
                     offset = end;
                     let _ = pending
@@ -336,6 +337,36 @@ async fn run_batches(
             }
         }
     }
+}
+
+/// The script call for `batch`: its distinct limits once each (with their keys), then each
+/// request as its time and the indexes of its limits.
+fn invocation<'a>(script: &'a redis::Script, batch: &[Pending]) -> redis::ScriptInvocation<'a> {
+    let mut distinct: HashMap<&LimitArgs, usize> = HashMap::new();
+    let mut order: Vec<&LimitArgs> = Vec::new();
+    for limit in batch.iter().flat_map(|pending| &pending.limits) {
+        distinct.entry(limit).or_insert_with(|| {
+            order.push(limit);
+            order.len()
+        });
+    }
+    let mut invocation = script.prepare_invoke();
+    invocation.arg(order.len());
+    for limit in &order {
+        invocation.arg(limit.kind).arg(limit.limit).arg(limit.span);
+        invocation.key(&limit.key);
+        if limit.kind == 1 {
+            invocation.key(limits::window_counts_key(&limit.key));
+        }
+    }
+    invocation.arg(batch.len());
+    for pending in batch {
+        invocation.arg(pending.now_ms).arg(pending.limits.len());
+        for limit in &pending.limits {
+            invocation.arg(distinct.get(limit).copied().unwrap_or(0));
+        }
+    }
+    invocation
 }
 
 fn decode(checks: &[Check], values: &[i64], now_ms: i64) -> Decision {
@@ -381,11 +412,6 @@ pub struct Limiter {
     pub live_nodes: AtomicU64,
     /// Requests decided by a failure policy.
     pub degraded: AtomicU64,
-    /// Random per process: with `sequence`, names each admission uniquely in the sliding-window
-    /// sets. Never derived from the request (a client repeating an `X-Request-Id` must not be
-    /// able to collapse its admissions into one).
-    node_nonce: u64,
-    sequence: AtomicU64,
 }
 
 impl Limiter {
@@ -398,17 +424,7 @@ impl Limiter {
             memory: MemoryLimiter::default(),
             live_nodes: AtomicU64::new(1),
             degraded: AtomicU64::new(0),
-            node_nonce: rand::random(),
-            sequence: AtomicU64::new(0),
         }
-    }
-
-    fn next_member(&self) -> String {
-        format!(
-            "{:x}-{:x}",
-            self.node_nonce,
-            self.sequence.fetch_add(1, Ordering::Relaxed)
-        )
     }
 
     /// Connects to Redis, retrying every second until it answers (limits follow their failure
@@ -444,7 +460,7 @@ impl Limiter {
         }
         let redis = self.redis.load_full();
         if let Some(redis) = redis
-            && let Some(decision) = redis.decide(checks, now_ms, self.next_member()).await
+            && let Some(decision) = redis.decide(checks, now_ms).await
         {
             return decision;
         }
@@ -468,6 +484,15 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plain connection to the machine's Redis, to look at and clean up keys.
+    async fn machine_redis() -> redis::aio::MultiplexedConnection {
+        redis::Client::open("redis://127.0.0.1:6379/0")
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the machine's Redis on 127.0.0.1:6379")
+    }
 
     fn check(key: &str, limit: u64, span: Span) -> Check {
         Check {
@@ -526,14 +551,9 @@ mod tests {
         let window = check(&format!("{prefix}:w"), 10, Span::Window(1_000));
         let quota = check(&format!("{prefix}:q"), 3, Span::Quota(QuotaPeriod::Day));
         let t0 = 1_900_000_000_000;
-        let decide = |checks: Vec<Check>, now: i64, i: usize| {
+        let decide = |checks: Vec<Check>, now: i64, _: usize| {
             let redis = &redis;
-            async move {
-                redis
-                    .decide(&checks, now, format!("m{i}"))
-                    .await
-                    .expect("Redis answers")
-            }
+            async move { redis.decide(&checks, now).await.expect("Redis answers") }
         };
 
         // 30 requests queued together (one batch), the second half a millisecond later.
@@ -579,14 +599,85 @@ mod tests {
             Decision::Admitted(usages) => assert_eq!(usages[0].count, 4),
             other => panic!("expected an admission: {other:?}"),
         }
-        let client = redis::Client::open("redis://127.0.0.1:6379/0").expect("client");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connection");
+        let mut connection = machine_redis().await;
         let _: Result<i64, _> = redis::cmd("DEL")
             .arg(format!("{prefix}:w"))
+            .arg(limits::window_counts_key(&format!("{prefix}:w")))
             .arg(format!("{prefix}:q"))
+            .query_async(&mut connection)
+            .await;
+    }
+
+    /// Admissions are counted per millisecond: thousands of distinct milliseconds leave the
+    /// window together (removed in chunks), the total stays exact, and the control plane's
+    /// read-only count agrees.
+    #[tokio::test]
+    async fn window_buckets_expire_exactly_in_chunks() {
+        let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(5))
+            .await
+            .expect("the machine's Redis on 127.0.0.1:6379");
+        let key = format!("{{tgunit-{:x}}}:w", rand::random::<u64>());
+        let window = check(&key, 5_000, Span::Window(10_000));
+        let t0 = 1_900_000_000_000;
+        // 2500 admissions on 2500 distinct milliseconds, two per millisecond for the first 10.
+        let times: Vec<i64> = (0..2_500).chain(0..10).map(|i| t0 + i).collect();
+        let mut counts = Vec::new();
+        for chunk in times.chunks(100) {
+            let decisions = futures_util::future::join_all(
+                chunk
+                    .iter()
+                    .map(|now| redis.decide(std::slice::from_ref(&window), *now)),
+            )
+            .await;
+            for decision in decisions {
+                match decision {
+                    Some(Decision::Admitted(usages)) => counts.push(usages[0].count),
+                    other => panic!("expected an admission: {other:?}"),
+                }
+            }
+        }
+        counts.sort_unstable();
+        assert_eq!(counts, (1..=2_510).collect::<Vec<_>>());
+
+        // At t0 + 12000 the milliseconds up to t0 + 2000 have left: 2001 of them (1000 per
+        // chunk), holding 2011 admissions. 499 remain, and this request makes 500.
+        let later = t0 + 12_000;
+        match redis.decide(std::slice::from_ref(&window), later).await {
+            Some(Decision::Admitted(usages)) => assert_eq!(usages[0].count, 500),
+            other => panic!("expected an admission: {other:?}"),
+        }
+        let mut connection = machine_redis().await;
+        let counts_key = limits::window_counts_key(&key);
+        let live: i64 = redis::Script::new(limits::WINDOW_COUNT_SCRIPT)
+            .key(&key)
+            .key(&counts_key)
+            .arg(later - 10_000)
+            .invoke_async(&mut connection)
+            .await
+            .expect("count");
+        assert_eq!(live, 500);
+        let stored: (i64, i64, i64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(&key)
+            .cmd("HLEN")
+            .arg(&counts_key)
+            .cmd("HGET")
+            .arg(&counts_key)
+            .arg("t")
+            .query_async(&mut connection)
+            .await
+            .expect("stored");
+        // 500 live milliseconds (the last one counts the new request), their counts + `t`.
+        assert_eq!(stored, (500, 501, 500));
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&counts_key)
+            .query_async(&mut connection)
+            .await
+            .expect("ttl");
+        assert!(ttl > 0 && ttl <= 10_000, "{ttl}");
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(&key)
+            .arg(&counts_key)
             .query_async(&mut connection)
             .await;
     }

@@ -6,10 +6,30 @@
 
 use crate::model::QuotaPeriod;
 
-/// Key of a consumer's plan rate limit (a sliding-window sorted set).
+/// Key of a consumer's plan rate limit (a sliding window: see [`window_counts_key`]).
 pub fn plan_key(prefix: &str, consumer_id: &str) -> String {
     format!("{{{prefix}}}:plan:{consumer_id}")
 }
+
+/// The second key of a sliding window: a hash of admissions per millisecond (field: Unix ms)
+/// and their total (field `t`). The window's own key is a sorted set of those milliseconds.
+pub fn window_counts_key(window_key: &str) -> String {
+    format!("{window_key}|n")
+}
+
+/// Admissions in the sliding window `KEYS[1]` (its counts in `KEYS[2]`) after `ARGV[1]`
+/// (Unix ms, exclusive): what a request at `ARGV[1]` + length would count. Read-only.
+pub const WINDOW_COUNT_SCRIPT: &str = r"
+local used = 0
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
+for i = 1, #live, 1000 do
+  local counts = redis.call('HMGET', KEYS[2], unpack(live, i, math.min(i + 999, #live)))
+  for _, c in ipairs(counts) do
+    used = used + tonumber(c or '0')
+  end
+end
+return used
+";
 
 /// Key of a consumer's quota counter for the period named by `stamp`.
 pub fn quota_key(prefix: &str, consumer_id: &str, stamp: &str) -> String {

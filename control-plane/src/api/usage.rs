@@ -101,11 +101,12 @@ pub async fn get(
     let now = now_ms();
     if let Some(limit) = &plan.rate_limit {
         let window_ms = limit.window_seconds.saturating_mul(1000);
-        let used: i64 = redis::cmd("ZCOUNT")
-            .arg(limits::plan_key(&state.redis_prefix, &consumer.id))
-            .arg(format!("({}", now - window_ms))
-            .arg("+inf")
-            .query_async(&mut connection)
+        let key = limits::plan_key(&state.redis_prefix, &consumer.id);
+        let used: i64 = redis::Script::new(limits::WINDOW_COUNT_SCRIPT)
+            .key(&key)
+            .key(limits::window_counts_key(&key))
+            .arg(now - window_ms)
+            .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
         usage.rate_limit = Some(WindowUsage {
