@@ -153,6 +153,14 @@ async fn plan_limit_is_exact_across_two_data_planes() {
         }
     }
     assert_eq!(admitted, 10, "exactly the plan's limit across both nodes");
+    // The control plane reads the same window.
+    let (status, usage) = c.cp.get("/consumers/burst/usage").await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(
+        (&usage["rate_limit"]["used"], &usage["rate_limit"]["remaining"]),
+        (&json!(10), &json!(0)),
+        "{usage}"
+    );
 
     // Headers count down, across nodes.
     for (i, want_remaining) in [2, 1, 0].into_iter().enumerate() {

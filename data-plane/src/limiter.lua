@@ -8,8 +8,8 @@
 -- ARGV[1]: the number of distinct limits D. Then per limit: kind ('1' = sliding window,
 --   '2' = calendar quota), limit, and for a window its length in ms, for a quota the end of
 --   its period in Unix ms.
--- KEYS, limit after limit: a window has two keys (its buckets, a sorted set of the
---   milliseconds that hold admissions; its counts, a hash of admissions per millisecond plus
+-- KEYS, limit after limit: a window has two keys (`<name>|ms`, a sorted set of the
+--   milliseconds that hold admissions; `<name>|n`, a hash of admissions per millisecond plus
 --   the total under 't'), a quota one (its counter).
 -- Then the number of requests R, and per request: its time (Unix ms, the data plane's clock
 --   when it arrived), its number of limits n, and the index (1-based) of each.

@@ -354,9 +354,10 @@ fn invocation<'a>(script: &'a redis::Script, batch: &[Pending]) -> redis::Script
     invocation.arg(order.len());
     for limit in &order {
         invocation.arg(limit.kind).arg(limit.limit).arg(limit.span);
-        invocation.key(&limit.key);
         if limit.kind == 1 {
-            invocation.key(limits::window_counts_key(&limit.key));
+            invocation.key(&limits::window_keys(&limit.key)[..]);
+        } else {
+            invocation.key(&limit.key);
         }
     }
     invocation.arg(batch.len());
@@ -601,8 +602,7 @@ mod tests {
         }
         let mut connection = machine_redis().await;
         let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(format!("{prefix}:w"))
-            .arg(limits::window_counts_key(&format!("{prefix}:w")))
+            .arg(&limits::window_keys(&format!("{prefix}:w"))[..])
             .arg(format!("{prefix}:q"))
             .query_async(&mut connection)
             .await;
@@ -647,9 +647,9 @@ mod tests {
             other => panic!("expected an admission: {other:?}"),
         }
         let mut connection = machine_redis().await;
-        let counts_key = limits::window_counts_key(&key);
+        let [times_key, counts_key] = limits::window_keys(&key);
         let live: i64 = redis::Script::new(limits::WINDOW_COUNT_SCRIPT)
-            .key(&key)
+            .key(&times_key)
             .key(&counts_key)
             .arg(later - 10_000)
             .invoke_async(&mut connection)
@@ -658,7 +658,7 @@ mod tests {
         assert_eq!(live, 500);
         let stored: (i64, i64, i64) = redis::pipe()
             .cmd("ZCARD")
-            .arg(&key)
+            .arg(&times_key)
             .cmd("HLEN")
             .arg(&counts_key)
             .cmd("HGET")
@@ -675,8 +675,14 @@ mod tests {
             .await
             .expect("ttl");
         assert!(ttl > 0 && ttl <= 10_000, "{ttl}");
-        let _: Result<i64, _> = redis::cmd("DEL")
+        let exists: i64 = redis::cmd("EXISTS")
             .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .expect("exists");
+        assert_eq!(exists, 0, "the earlier layout's key is never written");
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(&times_key)
             .arg(&counts_key)
             .query_async(&mut connection)
             .await;

@@ -6,15 +6,18 @@
 
 use crate::model::QuotaPeriod;
 
-/// Key of a consumer's plan rate limit (a sliding window: see [`window_counts_key`]).
+/// Key of a consumer's plan rate limit (a sliding window: see [`window_keys`]).
 pub fn plan_key(prefix: &str, consumer_id: &str) -> String {
     format!("{{{prefix}}}:plan:{consumer_id}")
 }
 
-/// The second key of a sliding window: a hash of admissions per millisecond (field: Unix ms)
-/// and their total (field `t`). The window's own key is a sorted set of those milliseconds.
-pub fn window_counts_key(window_key: &str) -> String {
-    format!("{window_key}|n")
+/// The two Redis keys of the sliding window named `window_key`: a sorted set of the
+/// milliseconds that hold admissions (member and score: Unix ms), and a hash of admissions per
+/// millisecond (field: Unix ms) with their total (field `t`). Suffixed so that data planes of
+/// an earlier build (one sorted-set member per admission, under `window_key` itself) never
+/// read or prune them during a rolling upgrade.
+pub fn window_keys(window_key: &str) -> [String; 2] {
+    [format!("{window_key}|ms"), format!("{window_key}|n")]
 }
 
 /// Admissions in the sliding window `KEYS[1]` (its counts in `KEYS[2]`) after `ARGV[1]`

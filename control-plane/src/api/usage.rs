@@ -103,8 +103,7 @@ pub async fn get(
         let window_ms = limit.window_seconds.saturating_mul(1000);
         let key = limits::plan_key(&state.redis_prefix, &consumer.id);
         let used: i64 = redis::Script::new(limits::WINDOW_COUNT_SCRIPT)
-            .key(&key)
-            .key(limits::window_counts_key(&key))
+            .key(&limits::window_keys(&key)[..])
             .arg(now - window_ms)
             .invoke_async(&mut connection)
             .await
