@@ -157,7 +157,10 @@ async fn plan_limit_is_exact_across_two_data_planes() {
     let (status, usage) = c.cp.get("/consumers/burst/usage").await;
     assert_eq!(status, 200, "{usage}");
     assert_eq!(
-        (&usage["rate_limit"]["used"], &usage["rate_limit"]["remaining"]),
+        (
+            &usage["rate_limit"]["used"],
+            &usage["rate_limit"]["remaining"]
+        ),
         (&json!(10), &json!(0)),
         "{usage}"
     );
