@@ -610,6 +610,16 @@ async fn raw_upstream() -> (
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
                     buffer.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/raw/early-close" || path == "/raw/early-open" {
+                        // Answers before reading the body; then closes with the body unread
+                        // (a reset), or keeps the connection without reading any of it.
+                        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large";
+                        if stream.write_all(answer).await.is_err() || path == "/raw/early-close" {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        return;
+                    }
                     if path == "/raw/drip" || path == "/raw/late" {
                         // The answer (or, for drip, its second half) comes after a second.
                         let (first, rest): (&[u8], &[u8]) = if path == "/raw/drip" {
@@ -892,4 +902,42 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
         .map(|r| r.path.clone())
         .collect();
     assert!(!seen.iter().any(|p| p.contains("slowloris")), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&[]).await;
+    let (accepted, _) = s.add_raw_upstream().await;
+    for path in ["/raw/early-close", "/raw/early-open"] {
+        // The client announces 1 MiB, sends 64 KiB, and waits: the upstream has answered
+        // already, so the answer must come back without the rest of the body.
+        let mut client = tokio::net::TcpStream::connect(s.dp.proxy)
+            .await
+            .expect("connect");
+        client
+            .write_all(
+                format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("head");
+        client.write_all(&[b'x'; 64 * 1024]).await.expect("body");
+        let answer = read_response(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.ends_with("\r\n\r\ntoo large"), "{path}: {answer}");
+    }
+    // Neither connection went back to the pool: a request after them opens a new one.
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let response = s
+        .client
+        .get(s.dp.url("/raw/keep"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
 }

@@ -230,50 +230,126 @@ async fn exchange(
     method: &Method,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     stream.write_all(head).await.map_err(stale_if_reset)?;
-    if let Some(body) = body {
-        write_body(&mut stream, body, chunked).await?;
-    }
     let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
+    let mut early = None;
+    if let Some(mut body) = body {
+        match send_body_watching(&mut stream, &mut body, chunked, &mut buf, method).await {
+            Ok(None) => {}
+            Ok(Some(answer)) => {
+                // The upstream answered before the body was sent whole (a 413 or 401 that
+                // does not want the rest): the rest goes nowhere, and the connection is not
+                // reused. The client finishes sending so that it can read the answer.
+                body.discard_rest().await;
+                early = Some(answer);
+            }
+            Err(SendError::Io(error)) => {
+                // The upstream may have answered and closed before reading everything: an
+                // answer already received is still the answer.
+                early = Some(
+                    read_answer(&mut stream, &mut buf, method)
+                        .await
+                        .map_err(|_| SendError::Io(error))?,
+                );
+                body.discard_rest().await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    let sent_whole = early.is_none();
+    let (parts, framing, reusable) = match early {
+        Some(answer) => answer,
+        None => read_answer(&mut stream, &mut buf, method).await?,
+    };
+    let mut body = UpstreamResponseBody {
+        conn: Some((stream, host.clone())),
+        buf,
+        framing,
+        reusable: reusable && sent_whole,
+    };
+    body.finish_if_done();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A final response head with its framing and whether the connection may be reused.
+type Answer = (http::response::Parts, Framing, bool);
+
+/// Streams the request body while watching the connection for an early answer: returns the
+/// answer's head when a final one arrives before the body is sent whole (interim 1xx
+/// answers are skipped), `None` when the body was sent.
+async fn send_body_watching(
+    stream: &mut TcpStream,
+    body: &mut CappedBody,
+    chunked: bool,
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Answer>, SendError> {
+    let (mut reader, mut writer) = stream.split();
+    let write = write_body(&mut writer, body, chunked);
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            written = &mut write => return written.map(|()| None),
+            read = reader.read_buf(buf) => match read {
+                Ok(read) if read > 0 => {
+                    while let Some(answer) = parse_head(buf, method)? {
+                        if !answer.0.status.is_informational() {
+                            return Ok(Some(answer));
+                        }
+                        if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
+                            return Err(SendError::BadResponse("unexpected 101".into()));
+                        }
+                    }
+                    if buf.len() >= MAX_HEAD {
+                        return Err(SendError::BadResponse("response head too large".into()));
+                    }
+                    buf.reserve(HEAD_CHUNK);
+                }
+                // Closed or failed for reading: the write finds out how things stand.
+                _ => return write.await.map(|()| None),
+            },
+        }
+    }
+}
+
+/// Reads the final response head (interim 1xx answers skipped); `buf` may already hold part
+/// of it, and keeps whatever of the body came with it.
+async fn read_answer(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Answer, SendError> {
     // Whether any byte of an answer arrived (then a failure is never "stale": the upstream
     // got the request).
-    let mut answered = false;
+    let mut answered = !buf.is_empty();
     loop {
-        let (parts, framing, reusable) = loop {
-            if let Some(parsed) = parse_head(&mut buf, method)? {
-                break parsed;
+        if let Some(answer) = parse_head(buf, method)? {
+            if !answer.0.status.is_informational() {
+                return Ok(answer);
             }
-            if buf.len() >= MAX_HEAD {
-                return Err(SendError::BadResponse("response head too large".into()));
-            }
-            buf.reserve(HEAD_CHUNK);
-            let read = match stream.read_buf(&mut buf).await {
-                Ok(read) => read,
-                Err(error) if answered => return Err(SendError::Io(error)),
-                Err(error) => return Err(stale_if_reset(error)),
-            };
-            if read == 0 {
-                return Err(if answered {
-                    SendError::BadResponse("connection closed inside the response head".into())
-                } else {
-                    SendError::Stale
-                });
-            }
-            answered = true;
-        };
-        if parts.status.is_informational() {
-            if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(SendError::BadResponse("unexpected 101".into()));
             }
+            answered = true;
             continue;
         }
-        let mut body = UpstreamResponseBody {
-            conn: Some((stream, host.clone())),
-            buf,
-            framing,
-            reusable,
+        if buf.len() >= MAX_HEAD {
+            return Err(SendError::BadResponse("response head too large".into()));
+        }
+        buf.reserve(HEAD_CHUNK);
+        let read = match stream.read_buf(buf).await {
+            Ok(read) => read,
+            Err(error) if answered => return Err(SendError::Io(error)),
+            Err(error) => return Err(stale_if_reset(error)),
         };
-        body.finish_if_done();
-        return Ok(Response::from_parts(parts, body));
+        if read == 0 {
+            return Err(if answered {
+                SendError::BadResponse("connection closed inside the response head".into())
+            } else {
+                SendError::Stale
+            });
+        }
+        answered = true;
     }
 }
 
@@ -326,9 +402,9 @@ fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<Vec<u8>, SendErr
     Ok(out)
 }
 
-async fn write_body(
-    stream: &mut TcpStream,
-    mut body: CappedBody,
+async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    body: &mut CappedBody,
     chunked: bool,
 ) -> Result<(), SendError> {
     while let Some(frame) = body.frame().await {
