@@ -52,19 +52,23 @@ for j = 1, tonumber(ARGV[1]) do
   arg = arg + 3
 end
 
--- Per key: {now, count, pending admissions at `now`, dirty (the total must be written),
+-- Per key: {now, count (in the window, pending included), bucket (admissions stored at
+-- `now`), pending (admissions at `now` not written yet), dirty (the stored total is stale),
 -- written (admissions were written: the keys' expiry moves)}.
 local cache = {}
 
--- Writes the admissions counted at `c.now`.
+-- Writes the admissions counted at `c.now` (with the total, in the same command).
 local function flush(l, c)
   if c.pending == 0 then
     return
   end
   if l.window then
-    redis.call('ZADD', l.k, c.now, c.now)
-    redis.call('HINCRBY', l.n, c.now, c.pending)
-    c.dirty = true
+    if c.bucket == 0 then
+      redis.call('ZADD', l.k, c.now, c.now)
+    end
+    c.bucket = c.bucket + c.pending
+    redis.call('HSET', l.n, c.now, c.bucket, 't', c.count)
+    c.dirty = false
     c.written = true
   else
     redis.call('INCRBY', l.k, c.pending)
@@ -73,28 +77,39 @@ local function flush(l, c)
   c.pending = 0
 end
 
--- Subtracts from c.count the milliseconds that left the window at `now`, and drops them.
-local function prune(l, c, now)
+-- Moves a window's view to `now`: reads the admissions already stored at `now` (and, the
+-- first time, the stored total), then subtracts the milliseconds that left the window and
+-- drops them, reading their counts in the same HMGET (1000 at a time).
+local function advance(l, c, now, first)
   local cutoff = tonumber(now) - l.length
-  while true do
+  repeat
     local gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, 1000)
-    if #gone == 0 then
-      return
+    local fields = {now}
+    if first then
+      fields[2] = 't'
     end
-    local counts = redis.call('HMGET', l.n, unpack(gone))
+    local skip = #fields
     for i = 1, #gone do
-      c.count = c.count - tonumber(counts[i] or '0')
+      fields[skip + i] = gone[i]
     end
-    if c.count < 0 then
-      c.count = 0
+    local values = redis.call('HMGET', l.n, unpack(fields))
+    c.bucket = tonumber(values[1] or '0')
+    if first then
+      c.count = tonumber(values[2] or '0')
+      first = false
     end
-    redis.call('HDEL', l.n, unpack(gone))
-    redis.call('ZREM', l.k, unpack(gone))
-    c.dirty = true
-    if #gone < 1000 then
-      return
+    if #gone > 0 then
+      for i = 1, #gone do
+        c.count = c.count - tonumber(values[skip + i] or '0')
+      end
+      if c.count < 0 then
+        c.count = 0
+      end
+      redis.call('HDEL', l.n, unpack(gone))
+      redis.call('ZREM', l.k, unpack(gone))
+      c.dirty = true
     end
-  end
+  until #gone < 1000
 end
 
 local out = {}
@@ -111,13 +126,13 @@ for _ = 1, tonumber(ARGV[arg]) do
     local c = cache[l.k]
     if l.window then
       if c == nil then
-        c = {now = now, count = tonumber(redis.call('HGET', l.n, 't') or '0'), pending = 0}
+        c = {now = now, count = 0, bucket = 0, pending = 0}
         cache[l.k] = c
-        prune(l, c, now)
+        advance(l, c, now, true)
       elseif c.now ~= now then
         flush(l, c)
         c.now = now
-        prune(l, c, now)
+        advance(l, c, now, false)
       end
     elseif c == nil then
       c = {now = now, count = tonumber(redis.call('GET', l.k) or '0'), pending = 0}
@@ -155,6 +170,7 @@ for j = 1, #limits do
   if c ~= nil then
     flush(l, c)
     if c.dirty then
+      -- Milliseconds left the window after the last write.
       redis.call('HSET', l.n, 't', c.count)
       c.dirty = false
     end
