@@ -886,16 +886,34 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
         assert!(answer.ends_with("\r\n\r\nhelloworld"), "{path}: {answer}");
     }
 
-    // HTTP/2 (prior knowledge) is not an HTTP/1 head: an idle one stays open.
-    let mut h2 = TcpStream::connect(s.dp.proxy).await.expect("connect");
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+    // HTTP/2 (prior knowledge): a connection with no stream open is closed after the timeout
+    // too, whether it stops inside its preface or after a complete one.
+    for opening in [
+        &b"PRI * HTTP/2.0\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"[..],
+    ] {
+        let mut h2 = TcpStream::connect(s.dp.proxy).await.expect("connect");
+        h2.write_all(opening).await.expect("write");
+        let closed = closed_within(&mut h2, Duration::from_secs(5))
+            .await
+            .expect("an idle HTTP/2 connection is closed");
+        assert!(
+            closed >= TIMEOUT - Duration::from_millis(50),
+            "cut early: {closed:?}"
+        );
+    }
+    // An HTTP/2 stream in flight longer than the timeout is not cut.
+    let h2_client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let response = h2_client
+        .get(s.dp.url("/raw/drip"))
+        .send()
         .await
-        .expect("write");
-    assert_eq!(
-        closed_within(&mut h2, TIMEOUT * 3).await,
-        None,
-        "idle HTTP/2 cut"
-    );
+        .expect("h2 request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.expect("body"), "helloworld");
 
     let seen: Vec<String> = s.upstream.requests()[seen_before..]
         .iter()

@@ -18,12 +18,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use crate::watchdog::Activity;
 
 /// Longest line prefix kept for inspection; longer CL/TE values are refused anyway.
 const LINE_KEEP: usize = 128;
@@ -58,7 +55,6 @@ pub struct Tracker {
     bad_content_length: bool,
     transfer_encoding: Option<bool>,
     refused: bool,
-    http2: bool,
 }
 
 impl Default for Tracker {
@@ -73,7 +69,6 @@ impl Default for Tracker {
             bad_content_length: false,
             transfer_encoding: None,
             refused: false,
-            http2: false,
         }
     }
 }
@@ -82,11 +77,6 @@ impl Tracker {
     /// Whether the tracker refused a head on this connection.
     pub fn refused(&self) -> bool {
         self.refused
-    }
-
-    /// Whether the connection opened with the HTTP/2 preface.
-    pub fn http2(&self) -> bool {
-        self.http2
     }
 
     /// Scans bytes just read from the client. When they complete a head that must be refused,
@@ -147,7 +137,6 @@ impl Tracker {
             State::Head if self.first_line => {
                 self.first_line = false;
                 if self.line.starts_with(b"PRI * HTTP/2.0") {
-                    self.http2 = true;
                     self.state = State::Passthrough;
                 }
                 false
@@ -257,18 +246,15 @@ pub struct Guarded<S> {
     inner: S,
     tracker: Tracker,
     refusal_written: usize,
-    /// Told when the connection turns out to be HTTP/2 (the header timeout does not apply).
-    activity: Option<Arc<Activity>>,
 }
 
 impl<S> Guarded<S> {
-    /// Wraps a client connection whose header timeout is kept by `activity`.
-    pub fn new(inner: S, activity: Option<Arc<Activity>>) -> Self {
+    /// Wraps a client connection.
+    pub fn new(inner: S) -> Self {
         Self {
             inner,
             tracker: Tracker::default(),
             refusal_written: 0,
-            activity,
         }
     }
 }
@@ -302,11 +288,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             && let Some(keep) = this.tracker.scan(&buf.filled()[before..])
         {
             buf.set_filled(before + keep);
-        }
-        if this.tracker.http2()
-            && let Some(activity) = this.activity.take()
-        {
-            activity.exempt();
         }
         result
     }

@@ -79,7 +79,7 @@ pub async fn serve_proxy(
                         }
                     }
                 });
-                let stream = TokioIo::new(Guarded::new(stream, Some(activity.clone())));
+                let stream = TokioIo::new(Guarded::new(stream));
                 let connection = builder.serve_connection(stream, service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

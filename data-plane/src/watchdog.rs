@@ -15,13 +15,17 @@
 //!
 //! So a connection is closed between `timeout` and `timeout` + a few ms after its last
 //! response ended (or after it was accepted), unless a new request head arrived in between.
-//! Per request the cost is two uncontended atomic updates and one clock read. HTTP/2
-//! connections are left to hyper's HTTP/2 handling (the header timeout is an HTTP/1 notion).
+//! Per request the cost is two uncontended atomic updates and one clock read.
+//!
+//! HTTP/2 connections are watched the same way, with streams as requests: one with no stream
+//! open for longer than the timeout is closed (its idle timeout), and so is one that never
+//! finishes its preface. Exempting HTTP/2 as soon as a client announced it would let anyone
+//! hold a connection forever with 16 bytes.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,8 +40,6 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `accepted` when the last request in flight ended.
     idle_since_ms: AtomicU64,
-    /// Not HTTP/1: the header timeout does not apply.
-    exempt: AtomicBool,
 }
 
 /// What the watchdog does when its timer fires.
@@ -47,8 +49,6 @@ enum Verdict {
     Recheck(Instant),
     /// No head within the timeout: close the connection.
     Close,
-    /// Not watched any more.
-    Stop,
 }
 
 impl Activity {
@@ -58,7 +58,6 @@ impl Activity {
             accepted: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
-            exempt: AtomicBool::new(false),
         })
     }
 
@@ -68,15 +67,7 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// The connection turned out not to be HTTP/1.
-    pub fn exempt(&self) {
-        self.exempt.store(true, Ordering::Release);
-    }
-
     fn verdict(&self, now: Instant, timeout: Duration) -> Verdict {
-        if self.exempt.load(Ordering::Acquire) {
-            return Verdict::Stop;
-        }
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Verdict::Recheck(now + timeout);
         }
@@ -163,15 +154,13 @@ where
     let mut connection = pin!(connection);
     let timer = pin!(tokio::time::sleep(timeout));
     let mut timer = timer;
-    let mut armed = true;
     loop {
         tokio::select! {
             biased;
             result = &mut connection => return result.map(|()| Ended::Done),
-            () = &mut timer, if armed => match activity.verdict(Instant::now(), timeout) {
+            () = &mut timer => match activity.verdict(Instant::now(), timeout) {
                 Verdict::Recheck(at) => timer.as_mut().reset(at),
                 Verdict::Close => return Ok(Ended::HeaderTimeout),
-                Verdict::Stop => armed = false,
             },
         }
     }
@@ -208,7 +197,13 @@ mod tests {
             Verdict::Recheck(ended + timeout)
         );
         assert_eq!(activity.verdict(ended + timeout, timeout), Verdict::Close);
-        activity.exempt();
-        assert_eq!(activity.verdict(ended + timeout, timeout), Verdict::Stop);
+        // Concurrent requests (HTTP/2 streams): idle only once the last one ends.
+        let (a, b) = (activity.begin(), activity.begin());
+        drop(a);
+        assert!(
+            matches!(activity.verdict(later, timeout), Verdict::Recheck(at) if at == later + timeout)
+        );
+        drop(b);
+        assert_eq!(activity.in_flight.load(Ordering::Acquire), 0);
     }
 }
