@@ -610,6 +610,42 @@ async fn raw_upstream() -> (
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
                     buffer.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/raw/early-ok" {
+                        // Answers 200 at once, then reads the whole body and ends the answer
+                        // with its size: it needs the body sent whole after its early answer.
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let l = l.to_ascii_lowercase();
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        while buffer.len() < length {
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.drain(..length);
+                        if stream
+                            .write_all(format!("{length:010}").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     if path == "/raw/early-close" || path == "/raw/early-open" {
                         // Answers before reading the body; then closes with the body unread
                         // (a reset), or keeps the connection without reading any of it.
@@ -945,7 +981,7 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
         assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
         assert!(answer.ends_with("\r\n\r\ntoo large"), "{path}: {answer}");
     }
-    // Neither connection went back to the pool: a request after them opens a new one.
+    // The cut connections did not go back to the pool: a request after them opens a new one.
     let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
     let response = s
         .client
@@ -958,4 +994,26 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         before + 1
     );
+    // An early success from an upstream that still reads: the body goes whole, then the answer.
+    let body = vec![b'y'; 512 * 1024];
+    let response = s
+        .client
+        .post(s.dp.url("/raw/early-ok"))
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "0000524288");
+
+    // That connection was kept: the next request reuses it.
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let response = s
+        .client
+        .get(s.dp.url("/raw/keep"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 200);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), before);
 }

@@ -231,34 +231,38 @@ async fn exchange(
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     stream.write_all(head).await.map_err(stale_if_reset)?;
     let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
-    let mut early = None;
+    // An answer that came while the body was streaming, and whether the body went whole.
+    let mut early: Option<(Answer, bool)> = None;
     if let Some(mut body) = body {
         match send_body_watching(&mut stream, &mut body, chunked, &mut buf, method).await {
-            Ok(None) => {}
-            Ok(Some(answer)) => {
-                // The upstream answered before the body was sent whole (a 413 or 401 that
-                // does not want the rest): the rest goes nowhere, and the connection is not
-                // reused. The client finishes sending so that it can read the answer.
+            Ok(BodyOutcome::Sent) => {}
+            Ok(BodyOutcome::Answered { answer, whole }) => {
+                if !whole {
+                    // The client finishes sending so that it can read the answer.
+                    body.discard_rest().await;
+                }
+                early = Some((answer, whole));
+            }
+            Err(SendError::BodyOverLimit) => {
+                // The client gets a 413: let it finish sending so that it can read it.
                 body.discard_rest().await;
-                early = Some(answer);
+                return Err(SendError::BodyOverLimit);
             }
             Err(SendError::Io(error)) => {
                 // The upstream may have answered and closed before reading everything: an
                 // answer already received is still the answer.
-                early = Some(
-                    read_answer(&mut stream, &mut buf, method)
-                        .await
-                        .map_err(|_| SendError::Io(error))?,
-                );
+                let answer = read_answer(&mut stream, &mut buf, method)
+                    .await
+                    .map_err(|_| SendError::Io(error))?;
                 body.discard_rest().await;
+                early = Some((answer, false));
             }
             Err(error) => return Err(error),
         }
     }
-    let sent_whole = early.is_none();
-    let (parts, framing, reusable) = match early {
-        Some(answer) => answer,
-        None => read_answer(&mut stream, &mut buf, method).await?,
+    let ((parts, framing, reusable), sent_whole) = match early {
+        Some(early) => early,
+        None => (read_answer(&mut stream, &mut buf, method).await?, true),
     };
     let mut body = UpstreamResponseBody {
         conn: Some((stream, host.clone())),
@@ -273,32 +277,53 @@ async fn exchange(
 /// A final response head with its framing and whether the connection may be reused.
 type Answer = (http::response::Parts, Framing, bool);
 
-/// Streams the request body while watching the connection for an early answer: returns the
-/// answer's head when a final one arrives before the body is sent whole (interim 1xx
-/// answers are skipped), `None` when the body was sent.
+/// How streaming a request body ended.
+enum BodyOutcome {
+    /// Sent whole, no answer yet.
+    Sent,
+    /// A final answer came while it was streaming; `whole`: the body was still sent whole.
+    Answered { answer: Answer, whole: bool },
+}
+
+/// Streams the request body while watching the connection for an early answer (interim 1xx
+/// answers are skipped). An early error (4xx/5xx), or one saying the upstream closes, means
+/// it does not want the rest (RFC 9112 §9.5): sending stops. An early success from an
+/// upstream that keeps the connection (one answering while it still reads) gets the body
+/// whole first, as it may need it to finish its answer.
 async fn send_body_watching(
     stream: &mut TcpStream,
     body: &mut CappedBody,
     chunked: bool,
     buf: &mut BytesMut,
     method: &Method,
-) -> Result<Option<Answer>, SendError> {
+) -> Result<BodyOutcome, SendError> {
     let (mut reader, mut writer) = stream.split();
     let write = write_body(&mut writer, body, chunked);
     tokio::pin!(write);
     loop {
         tokio::select! {
             biased;
-            written = &mut write => return written.map(|()| None),
+            written = &mut write => return written.map(|()| BodyOutcome::Sent),
             read = reader.read_buf(buf) => match read {
                 Ok(read) if read > 0 => {
                     while let Some(answer) = parse_head(buf, method)? {
-                        if !answer.0.status.is_informational() {
-                            return Ok(Some(answer));
-                        }
                         if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
                             return Err(SendError::BadResponse("unexpected 101".into()));
                         }
+                        if answer.0.status.is_informational() {
+                            continue;
+                        }
+                        let keeps_reading = answer.0.status.as_u16() < 400 && answer.2;
+                        if !keeps_reading {
+                            return Ok(BodyOutcome::Answered { answer, whole: false });
+                        }
+                        return match write.await {
+                            Ok(()) => Ok(BodyOutcome::Answered { answer, whole: true }),
+                            Err(SendError::Io(_)) => {
+                                Ok(BodyOutcome::Answered { answer, whole: false })
+                            }
+                            Err(error) => Err(error),
+                        };
                     }
                     if buf.len() >= MAX_HEAD {
                         return Err(SendError::BadResponse("response head too large".into()));
@@ -306,7 +331,7 @@ async fn send_body_watching(
                     buf.reserve(HEAD_CHUNK);
                 }
                 // Closed or failed for reading: the write finds out how things stand.
-                _ => return write.await.map(|()| None),
+                _ => return write.await.map(|()| BodyOutcome::Sent),
             },
         }
     }
@@ -410,11 +435,7 @@ async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
-            Err(error) if error.is::<BodyOverLimit>() => {
-                // The client gets a 413: let it finish sending so that it can read it.
-                body.discard_rest().await;
-                return Err(SendError::BodyOverLimit);
-            }
+            Err(error) if error.is::<BodyOverLimit>() => return Err(SendError::BodyOverLimit),
             Err(error) => return Err(SendError::Body(error.to_string())),
         };
         let Ok(data) = frame.into_data() else {
