@@ -79,11 +79,25 @@ end
 
 -- Moves a window's view to `now`: reads the admissions already stored at `now` (and, the
 -- first time, the stored total), then subtracts the milliseconds that left the window and
--- drops them, reading their counts in the same HMGET (1000 at a time).
+-- drops them, reading their counts in the same HMGET, 1000 at a time and at most
+-- MAX_PRUNE_CHUNKS times per call: Redis is never blocked long. Milliseconds left for a later
+-- call still count (the window admits fewer, never more).
+local MAX_PRUNE_CHUNKS = 8
 local function advance(l, c, now, first)
   local cutoff = tonumber(now) - l.length
-  repeat
+  for chunk = 1, MAX_PRUNE_CHUNKS do
     local gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, 1000)
+    if #gone == 1000 and chunk == 1 then
+      -- A long quiet spell may have expired everything: then start afresh at once.
+      local newest = redis.call('ZRANGE', l.k, -1, -1, 'WITHSCORES')
+      if newest[2] == nil or tonumber(newest[2]) <= cutoff then
+        redis.call('DEL', l.k, l.n)
+        c.count = 0
+        c.bucket = 0
+        c.dirty = true
+        return
+      end
+    end
     local fields = {now}
     if first then
       fields[2] = 't'
@@ -109,7 +123,10 @@ local function advance(l, c, now, first)
       redis.call('ZREM', l.k, unpack(gone))
       c.dirty = true
     end
-  until #gone < 1000
+    if #gone < 1000 then
+      return
+    end
+  end
 end
 
 local out = {}

@@ -486,6 +486,14 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    /// A limiter on the machine's Redis and a window key no other test uses.
+    async fn window_limiter() -> (RedisLimiter, String) {
+        let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(5))
+            .await
+            .expect("the machine's Redis on 127.0.0.1:6379");
+        (redis, format!("{{tgunit-{:x}}}:w", rand::random::<u64>()))
+    }
+
     /// A plain connection to the machine's Redis, to look at and clean up keys.
     async fn machine_redis() -> redis::aio::MultiplexedConnection {
         redis::Client::open("redis://127.0.0.1:6379/0")
@@ -613,10 +621,7 @@ mod tests {
     /// read-only count agrees.
     #[tokio::test]
     async fn window_buckets_expire_exactly_in_chunks() {
-        let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(5))
-            .await
-            .expect("the machine's Redis on 127.0.0.1:6379");
-        let key = format!("{{tgunit-{:x}}}:w", rand::random::<u64>());
+        let (redis, key) = window_limiter().await;
         let window = check(&key, 5_000, Span::Window(10_000));
         let t0 = 1_900_000_000_000;
         // 2500 admissions on 2500 distinct milliseconds, two per millisecond for the first 10.
@@ -681,6 +686,66 @@ mod tests {
             .await
             .expect("exists");
         assert_eq!(exists, 0, "the earlier layout's key is never written");
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(&times_key)
+            .arg(&counts_key)
+            .query_async(&mut connection)
+            .await;
+    }
+
+    /// Pruning is bounded per call (8000 milliseconds): what is left still counts (fewer
+    /// admitted, never more) until a later call drops it; a window whose every millisecond
+    /// expired starts afresh at once.
+    #[tokio::test]
+    async fn window_pruning_is_bounded_and_conservative() {
+        let (redis, key) = window_limiter().await;
+        let window = check(&key, 20_000, Span::Window(20_000));
+        let t0 = 1_900_000_000_000;
+        let one = |now: i64| {
+            let (redis, window) = (&redis, &window);
+            async move {
+                match redis.decide(std::slice::from_ref(window), now).await {
+                    Some(Decision::Admitted(usages)) => usages[0].count,
+                    other => panic!("expected an admission: {other:?}"),
+                }
+            }
+        };
+        let times: Vec<i64> = (0..10_000).map(|i| t0 + i).collect();
+        for chunk in times.chunks(200) {
+            futures_util::future::join_all(chunk.iter().map(|now| one(*now))).await;
+        }
+        // 9001 milliseconds have left; 8000 are dropped now and the other 1001 still count.
+        assert_eq!(one(t0 + 29_000).await, 10_000 - 8_000 + 1);
+        // The control plane's read subtracts what is not dropped yet: exact.
+        let mut connection = machine_redis().await;
+        let [times_key, counts_key] = limits::window_keys(&key);
+        let read = |after: i64| {
+            let mut connection = connection.clone();
+            let keys = [times_key.clone(), counts_key.clone()];
+            async move {
+                redis::Script::new(limits::WINDOW_COUNT_SCRIPT)
+                    .key(&keys[..])
+                    .arg(after)
+                    .invoke_async::<i64>(&mut connection)
+                    .await
+                    .expect("count")
+            }
+        };
+        assert_eq!(read(t0 + 9_000).await, 1_000);
+        // The next call drops the rest (9002 by then): 998 left + the two new ones.
+        assert_eq!(one(t0 + 29_001).await, 1_000);
+        assert_eq!(read(t0 + 200_000).await, 0, "all of it has left");
+        // Long after, everything has left: a fresh window.
+        assert_eq!(one(t0 + 100_000).await, 1);
+        let stored: (i64, i64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(&times_key)
+            .cmd("HLEN")
+            .arg(&counts_key)
+            .query_async(&mut connection)
+            .await
+            .expect("stored");
+        assert_eq!(stored, (1, 2), "one millisecond, its count and the total");
         let _: Result<i64, _> = redis::cmd("DEL")
             .arg(&times_key)
             .arg(&counts_key)

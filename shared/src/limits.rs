@@ -20,16 +20,25 @@ pub fn window_keys(window_key: &str) -> [String; 2] {
     [format!("{window_key}|ms"), format!("{window_key}|n")]
 }
 
-/// Admissions in the sliding window `KEYS[1]` (its counts in `KEYS[2]`) after `ARGV[1]`
-/// (Unix ms, exclusive): what a request at `ARGV[1]` + length would count. Read-only.
+/// Admissions in the sliding window whose keys are `KEYS` ([`window_keys`]) that are later
+/// than `ARGV[1]` (Unix ms): what a request at `ARGV[1]` + the window's length would count,
+/// as the data planes' script does (milliseconds it has not pruned yet are subtracted, at most
+/// 8000 of them, so that the read stays short). Read-only.
 pub const WINDOW_COUNT_SCRIPT: &str = r"
-local used = 0
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
-for i = 1, #live, 1000 do
-  local counts = redis.call('HMGET', KEYS[2], unpack(live, i, math.min(i + 999, #live)))
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] == nil or tonumber(newest[2]) <= tonumber(ARGV[1]) then
+  return 0
+end
+local used = tonumber(redis.call('HGET', KEYS[2], 't') or '0')
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 8000)
+for i = 1, #gone, 1000 do
+  local counts = redis.call('HMGET', KEYS[2], unpack(gone, i, math.min(i + 999, #gone)))
   for _, c in ipairs(counts) do
-    used = used + tonumber(c or '0')
+    used = used - tonumber(c or '0')
   end
+end
+if used < 0 then
+  used = 0
 end
 return used
 ";
