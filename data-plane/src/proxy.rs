@@ -30,6 +30,7 @@ use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
 use crate::state::Shared;
 use crate::upstream::{self, RequestHead, SendError, UpstreamResponseBody};
+use crate::watchdog::{InFlight as Tracking, Tracked};
 
 /// `X-Request-Id`: passed through when the client sent a sane one, generated otherwise.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -55,20 +56,26 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("upgrade"),
 ];
 
-/// The response body: the upstream's, streamed, or one the gateway wrote.
-pub type ResponseBody = Either<UpstreamResponseBody, Full<Bytes>>;
+/// The response body: the upstream's, streamed, or one the gateway wrote; with the request's
+/// place among those in flight on its connection, when the [`crate::watchdog`] tracks them.
+pub type ResponseBody = Tracked<Either<UpstreamResponseBody, Full<Bytes>>>;
 
 /// Serves one request. Never fails: errors become JSON answers with a stable `code`.
+/// `in_flight` is held until the response body is dropped.
 pub async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
     peer_value: HeaderValue,
     request: Request<Incoming>,
+    in_flight: Option<Tracking>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = request_id(request.headers());
-    let response = match proxy(&shared, peer, &peer_value, request, &request_id).await {
+    let response = match proxy(&shared, peer, &peer_value, request, &request_id, in_flight).await {
         Ok(response) => response,
-        Err(error) => error.into_response(&request_id).map(Either::Right),
+        // A gateway-written body is sent at once: the request need not stay tracked.
+        Err(error) => error
+            .into_response(&request_id)
+            .map(|body| Tracked::new(Either::Right(body), None)),
     };
     shared.metrics.record(response.status());
     Ok(response)
@@ -80,6 +87,7 @@ async fn proxy(
     peer_value: &HeaderValue,
     request: Request<Incoming>,
     request_id: &HeaderValue,
+    in_flight: Option<Tracking>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
     let (parts, mut body) = request.into_parts();
@@ -254,7 +262,10 @@ async fn proxy(
                 if let Some(usage) = &usage {
                     rate_limit_headers(&mut parts.headers, usage);
                 }
-                return Ok(Response::from_parts(parts, Either::Left(body)));
+                return Ok(Response::from_parts(
+                    parts,
+                    Tracked::new(Either::Left(body), in_flight),
+                ));
             }
         }
     }

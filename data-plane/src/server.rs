@@ -1,7 +1,6 @@
 //! The listeners: the proxy (HTTP/1.1 and cleartext HTTP/2, keep-alive) and the status
 //! endpoints (`/healthz`, `/readyz`, `/metrics`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::framing::Guarded;
 use crate::state::Shared;
-use crate::watchdog::{Activity, Ended, Tracked, watch};
+use crate::watchdog::{Activity, Ended, watch};
 
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -28,7 +27,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Largest request head; larger gets 431.
     pub max_header_bytes: usize,
-    /// Longest wait for a complete HTTP/1 request head (see [`crate::watchdog`]).
+    /// Longest wait for a complete HTTP/1 request head (hyper's timer), for a new connection
+    /// to show its protocol, and for an HTTP/2 connection with no stream open (the
+    /// [`crate::watchdog`]).
     pub header_timeout: Duration,
 }
 
@@ -40,13 +41,14 @@ pub async fn serve_proxy(
     cancel: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own header timeout re-arms a timer for every request; the watchdog keeps one
-    // per connection instead.
+    // HTTP/1 heads (and idle keep-alive): hyper's header timeout. The start of a connection
+    // and HTTP/2: the watchdog.
     builder
         .http1()
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes)
-        .header_read_timeout(None);
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -69,14 +71,9 @@ pub async fn serve_proxy(
                 let activity = Activity::new();
                 let service = service_fn({
                     let activity = activity.clone();
-                    move |request| {
-                        let in_flight = activity.begin();
-                        let response =
-                            crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request);
-                        async move {
-                            let response = response.await?;
-                            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
-                        }
+                    move |request: Request<Incoming>| {
+                        let in_flight = activity.request(request.version());
+                        crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
                     }
                 });
                 let stream = TokioIo::new(Guarded::new(stream));
