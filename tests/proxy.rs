@@ -574,6 +574,18 @@ async fn body_limits_hold_with_and_without_content_length() {
 
 /// A hand-written HTTP/1.1 upstream, to answer what well-behaved servers never send: its
 /// answer depends on the request path. Counts the connections it accepted.
+/// The `Content-Length` of a request head (0 without one).
+fn content_length_of(head: &str) -> usize {
+    head.lines()
+        .find_map(|line| {
+            let line = line.to_ascii_lowercase();
+            line.strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn raw_upstream() -> (
     String,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -610,18 +622,35 @@ async fn raw_upstream() -> (
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
                     buffer.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/raw/early-echo" {
+                        // Answers 200 at once and echoes the body as it reads it.
+                        let length = content_length_of(&head);
+                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let mut echoed = 0;
+                        while echoed < length {
+                            if buffer.is_empty() {
+                                let mut chunk = [0u8; 16384];
+                                match stream.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            let take = buffer.len().min(length - echoed);
+                            if stream.write_all(&buffer[..take]).await.is_err() {
+                                return;
+                            }
+                            buffer.drain(..take);
+                            echoed += take;
+                        }
+                        continue;
+                    }
                     if path == "/raw/early-ok" {
                         // Answers 200 at once, then reads the whole body and ends the answer
                         // with its size: it needs the body sent whole after its early answer.
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                let l = l.to_ascii_lowercase();
-                                l.strip_prefix("content-length:")
-                                    .map(|v| v.trim().to_string())
-                            })
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
+                        let length = content_length_of(&head);
                         if stream
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
                             .await
@@ -1005,6 +1034,22 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
         .expect("POST");
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.expect("body"), "0000524288");
+
+    // One that echoes the body as it reads it: the body goes whole and the echo comes back
+    // intact (what arrived while the body was still being written included).
+    let body: Vec<u8> = (0..768 * 1024).map(|i| (i % 251) as u8).collect();
+    let response = s
+        .client
+        .post(s.dp.url("/raw/early-echo"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().await.expect("body") == body,
+        "echo differs"
+    );
 
     // That connection was kept: the next request reuses it.
     let before = accepted.load(std::sync::atomic::Ordering::SeqCst);

@@ -79,22 +79,33 @@ end
 
 -- Moves a window's view to `now`: reads the admissions already stored at `now` (and, the
 -- first time, the stored total), then subtracts the milliseconds that left the window and
--- drops them, reading their counts in the same HMGET, 1000 at a time and at most
--- MAX_PRUNE_CHUNKS times per call: Redis is never blocked long. Milliseconds left for a later
--- call still count (the window admits fewer, never more).
-local MAX_PRUNE_CHUNKS = 8
+-- drops them, reading their counts in the same HMGET, 1000 at a time and at most 8000 per
+-- script call (over all keys and times): Redis is never blocked long. Milliseconds left for a
+-- later call still count (the window admits fewer, never more).
+local prune_left = 8000
 local function advance(l, c, now, first)
   local cutoff = tonumber(now) - l.length
-  for chunk = 1, MAX_PRUNE_CHUNKS do
-    local gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, 1000)
-    if #gone == 1000 and chunk == 1 then
-      -- A long quiet spell may have expired everything: then start afresh at once.
+  local chunk = 0
+  local take
+  local gone
+  repeat
+    chunk = chunk + 1
+    take = math.min(1000, prune_left)
+    gone = {}
+    if take > 0 then
+      gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, take)
+      prune_left = prune_left - #gone
+    end
+    if chunk == 1 and take > 0 and #gone == take then
+      -- Many have left; after a long quiet spell all of them may have: then start afresh.
       local newest = redis.call('ZRANGE', l.k, -1, -1, 'WITHSCORES')
       if newest[2] == nil or tonumber(newest[2]) <= cutoff then
         redis.call('DEL', l.k, l.n)
+        prune_left = prune_left + #gone
         c.count = 0
         c.bucket = 0
-        c.dirty = true
+        -- Nothing to write: a missing total reads as 0 (and a rewritten one would have no TTL).
+        c.dirty = false
         return
       end
     end
@@ -123,10 +134,7 @@ local function advance(l, c, now, first)
       redis.call('ZREM', l.k, unpack(gone))
       c.dirty = true
     end
-    if #gone < 1000 then
-      return
-    end
-  end
+  until take == 0 or #gone < take
 end
 
 local out = {}
@@ -161,7 +169,9 @@ for _ = 1, tonumber(ARGV[arg]) do
       admitted = 0
       if l.window and c.count > 0 then
         flush(l, c)
-        local oldest = redis.call('ZRANGE', l.k, 0, 0, 'WITHSCORES')
+        -- The oldest millisecond still in the window (expired ones not pruned yet are not).
+        local oldest = redis.call('ZRANGEBYSCORE', l.k, '(' .. (tonumber(now) - l.length), '+inf',
+          'WITHSCORES', 'LIMIT', 0, 1)
         if oldest[2] then
           out[base + 2 * i] = tonumber(oldest[2]) + l.length - tonumber(now)
         end

@@ -716,7 +716,8 @@ mod tests {
         }
         // 9001 milliseconds have left; 8000 are dropped now and the other 1001 still count.
         assert_eq!(one(t0 + 29_000).await, 10_000 - 8_000 + 1);
-        // The control plane's read subtracts what is not dropped yet: exact.
+        // The control plane's read subtracts what is not dropped yet (up to 8000 milliseconds,
+        // here all 1001): exact.
         let mut connection = machine_redis().await;
         let [times_key, counts_key] = limits::window_keys(&key);
         let read = |after: i64| {

@@ -40,6 +40,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Read buffer for a response head (and a small body that comes with it).
 const HEAD_CHUNK: usize = 4 * 1024;
+/// Most response bytes buffered while a request body is still being written after an early
+/// success (then the write goes on alone).
+const EARLY_READ_CAP: usize = 1024 * 1024;
 /// Read buffer growth step for bodies.
 const READ_CHUNK: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) and total trailer section accepted.
@@ -238,7 +241,10 @@ async fn exchange(
             Ok(BodyOutcome::Sent) => {}
             Ok(BodyOutcome::Answered { answer, whole }) => {
                 if !whole {
-                    // The client finishes sending so that it can read the answer.
+                    // The upstream sees the end of our side instead of waiting for bytes that
+                    // will not come; the client finishes sending so that it can read the
+                    // answer.
+                    let _ = stream.shutdown().await;
                     body.discard_rest().await;
                 }
                 early = Some((answer, whole));
@@ -286,10 +292,10 @@ enum BodyOutcome {
 }
 
 /// Streams the request body while watching the connection for an early answer (interim 1xx
-/// answers are skipped). An early error (4xx/5xx), or one saying the upstream closes, means
-/// it does not want the rest (RFC 9112 §9.5): sending stops. An early success from an
-/// upstream that keeps the connection (one answering while it still reads) gets the body
-/// whole first, as it may need it to finish its answer.
+/// answers are skipped). An early error (4xx/5xx) means the upstream does not want the rest
+/// (RFC 9112 §9.5): sending stops and our side is shut down. An early success (an upstream
+/// answering while it still reads) gets the body whole first, as it may need it to finish
+/// its answer; what it sends meanwhile is buffered, up to [`EARLY_READ_CAP`].
 async fn send_body_watching(
     stream: &mut TcpStream,
     body: &mut CappedBody,
@@ -313,17 +319,23 @@ async fn send_body_watching(
                         if answer.0.status.is_informational() {
                             continue;
                         }
-                        let keeps_reading = answer.0.status.as_u16() < 400 && answer.2;
-                        if !keeps_reading {
+                        if answer.0.status.as_u16() >= 400 {
                             return Ok(BodyOutcome::Answered { answer, whole: false });
                         }
-                        return match write.await {
-                            Ok(()) => Ok(BodyOutcome::Answered { answer, whole: true }),
-                            Err(SendError::Io(_)) => {
-                                Ok(BodyOutcome::Answered { answer, whole: false })
+                        // A success while the body streams: the body goes on whole, while
+                        // what the upstream sends meanwhile is read (up to a bound) so that
+                        // one answering as it reads does not stall on a full socket.
+                        loop {
+                            tokio::select! {
+                                biased;
+                                written = &mut write => return after_early(written, answer),
+                                read = reader.read_buf(buf), if buf.len() < EARLY_READ_CAP => {
+                                    if !matches!(read, Ok(read) if read > 0) {
+                                        return after_early(write.await, answer);
+                                    }
+                                }
                             }
-                            Err(error) => Err(error),
-                        };
+                        }
                     }
                     if buf.len() >= MAX_HEAD {
                         return Err(SendError::BadResponse("response head too large".into()));
@@ -334,6 +346,22 @@ async fn send_body_watching(
                 _ => return write.await.map(|()| BodyOutcome::Sent),
             },
         }
+    }
+}
+
+/// The outcome of finishing the body after an early success: a body cut by a failed write
+/// still leaves the answer, on a connection not to be reused.
+fn after_early(written: Result<(), SendError>, answer: Answer) -> Result<BodyOutcome, SendError> {
+    match written {
+        Ok(()) => Ok(BodyOutcome::Answered {
+            answer,
+            whole: true,
+        }),
+        Err(SendError::Io(_)) => Ok(BodyOutcome::Answered {
+            answer,
+            whole: false,
+        }),
+        Err(error) => Err(error),
     }
 }
 

@@ -112,7 +112,8 @@ impl Drop for InFlight {
         // The time is stored before the count drops, so a watchdog that sees no request in
         // flight also sees when the last one ended.
         let idle = u64::try_from(activity.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.idle_since_ms.store(idle, Ordering::Release);
+        // `fetch_max`: of two streams ending together, the later end counts.
+        activity.idle_since_ms.fetch_max(idle, Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -186,7 +187,9 @@ where
             if stopped || (registered && !timer.is_elapsed()) {
                 return Poll::Pending;
             }
-            match timer.as_mut().poll(cx) {
+            // Outside the task's cooperative budget: a Sleep polled with the budget spent
+            // returns Pending without creating its timer, and would never fire.
+            match Pin::new(&mut tokio::task::unconstrained(timer.as_mut())).poll(cx) {
                 Poll::Pending => {
                     registered = true;
                     return Poll::Pending;
