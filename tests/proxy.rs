@@ -572,8 +572,6 @@ async fn body_limits_hold_with_and_without_content_length() {
     assert_eq!(s.upstream.requests().pop().expect("seen").body_bytes, 800);
 }
 
-/// A hand-written HTTP/1.1 upstream, to answer what well-behaved servers never send: its
-/// answer depends on the request path. Counts the connections it accepted.
 /// The `Content-Length` of a request head (0 without one).
 fn content_length_of(head: &str) -> usize {
     head.lines()
@@ -586,6 +584,8 @@ fn content_length_of(head: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// A hand-written HTTP/1.1 upstream, to answer what well-behaved servers never send: its
+/// answer depends on the request path. Counts the connections it accepted.
 async fn raw_upstream() -> (
     String,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,

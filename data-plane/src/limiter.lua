@@ -100,7 +100,8 @@ local function advance(l, c, now, first)
       -- Many have left; after a long quiet spell all of them may have: then start afresh.
       local newest = redis.call('ZRANGE', l.k, -1, -1, 'WITHSCORES')
       if newest[2] == nil or tonumber(newest[2]) <= cutoff then
-        redis.call('DEL', l.k, l.n)
+        -- UNLINK: a big window is freed in the background, not inside this script.
+        redis.call('UNLINK', l.k, l.n)
         prune_left = prune_left + #gone
         c.count = 0
         c.bucket = 0

@@ -325,13 +325,15 @@ async fn send_body_watching(
                         // A success while the body streams: the body goes on whole, while
                         // what the upstream sends meanwhile is read (up to a bound) so that
                         // one answering as it reads does not stall on a full socket.
+                        let mut chunk = vec![0u8; 16 * 1024]; // on the heap: this path is rare
                         loop {
                             tokio::select! {
                                 biased;
                                 written = &mut write => return after_early(written, answer),
-                                read = reader.read_buf(buf), if buf.len() < EARLY_READ_CAP => {
-                                    if !matches!(read, Ok(read) if read > 0) {
-                                        return after_early(write.await, answer);
+                                read = reader.read(&mut chunk), if buf.len() < EARLY_READ_CAP => {
+                                    match read {
+                                        Ok(read) if read > 0 => buf.extend_from_slice(&chunk[..read]),
+                                        _ => return after_early(write.await, answer),
                                     }
                                 }
                             }
