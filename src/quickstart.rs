@@ -112,6 +112,7 @@ pub async fn run(
         heartbeat_seconds: 5,
         max_header_bytes: 32 * 1024,
         header_timeout_ms: 30_000,
+        send_timeout_ms: 60_000,
         redis_url: None,
         redis_prefix: "tollgate".into(),
         redis_timeout_ms: 10,

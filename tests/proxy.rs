@@ -1062,3 +1062,47 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
     assert_eq!(response.status(), 200);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_cut_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 100 * 1024 * 1024;
+    let s = setup_configured(
+        &[json!({"name": "dl", "paths": ["/download"], "upstream": "u"})],
+        |settings| settings.send_timeout_ms = 500,
+    )
+    .await;
+    // Asks for 100 MiB and reads none of it for 3 s: the writes stall once the socket
+    // buffers are full, and the connection is closed after the send timeout.
+    let mut client = tokio::net::TcpStream::connect(s.dp.proxy)
+        .await
+        .expect("connect");
+    client
+        .write_all(format!("GET /download/{SIZE} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0usize;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), client.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(n)) => total += n,
+            Err(_) => break false,
+        }
+        if total > SIZE {
+            break false;
+        }
+    };
+    assert!(closed, "still open after {total} bytes");
+    assert!(total < SIZE / 2, "{total} bytes came: the download went on");
+
+    // A client that reads, however much, is never cut by it.
+    let response = s
+        .client
+        .get(s.dp.url(&format!("/download/{}", 8 * 1024 * 1024)))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.bytes().await.expect("body").len(), 8 * 1024 * 1024);
+}

@@ -90,6 +90,7 @@ impl DataPlane {
             limits: crate::server::ConnectionLimits {
                 max_header_bytes: settings.max_header_bytes,
                 header_timeout: Duration::from_millis(settings.header_timeout_ms),
+                send_timeout: Duration::from_millis(settings.send_timeout_ms),
             },
             redis: settings
                 .redis_url

@@ -18,9 +18,12 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::watchdog::Activity;
 
 /// Longest line prefix kept for inspection; longer CL/TE values are refused anyway.
 const LINE_KEEP: usize = 128;
@@ -246,15 +249,18 @@ pub struct Guarded<S> {
     inner: S,
     tracker: Tracker,
     refusal_written: usize,
+    /// Told when writes to the client wait and when they move (the send timeout).
+    activity: Arc<Activity>,
 }
 
 impl<S> Guarded<S> {
-    /// Wraps a client connection.
-    pub fn new(inner: S) -> Self {
+    /// Wraps a client connection whose writes `activity` watches.
+    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             tracker: Tracker::default(),
             refusal_written: 0,
+            activity,
         }
     }
 }
@@ -293,20 +299,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
+impl<S> Guarded<S> {
+    fn note_write(&self, result: &Poll<io::Result<usize>>) {
+        match result {
+            Poll::Pending => self.activity.write_pending(),
+            Poll::Ready(Ok(written)) if *written > 0 => self.activity.write_progress(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.note_write(&result);
+        result
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note_write(&result);
+        result
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

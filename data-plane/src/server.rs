@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::framing::Guarded;
 use crate::state::Shared;
-use crate::watchdog::{Activity, Ended, watch};
+use crate::watchdog::{Activity, Ended, Timeouts, watch};
 
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -31,6 +31,8 @@ pub struct ConnectionLimits {
     /// to show its protocol, and for an HTTP/2 connection with no stream open (the
     /// [`crate::watchdog`]).
     pub header_timeout: Duration,
+    /// Longest a write to the client may wait for it to read (the watchdog).
+    pub send_timeout: Duration,
 }
 
 /// Accepts proxy connections until `cancel`, then drains in-flight requests.
@@ -76,14 +78,18 @@ pub async fn serve_proxy(
                         crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
                     }
                 });
-                let stream = TokioIo::new(Guarded::new(stream));
+                let stream = TokioIo::new(Guarded::new(stream, activity.clone()));
                 let connection = builder.serve_connection(stream, service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
-                    match watch(connection, activity, limits.header_timeout).await {
+                    let timeouts = Timeouts { idle: limits.header_timeout, send: limits.send_timeout };
+                    match watch(connection, activity, timeouts).await {
                         Ok(Ended::Done) => {}
                         Ok(Ended::HeaderTimeout) => {
-                            tracing::debug!(%peer, "closed: no request head within the header timeout");
+                            tracing::debug!(%peer, "closed: idle past the header timeout");
+                        }
+                        Ok(Ended::SendTimeout) => {
+                            tracing::debug!(%peer, "closed: the client read nothing within the send timeout");
                         }
                         Err(error) => tracing::debug!(%error, %peer, "connection ended with an error"),
                     }

@@ -66,6 +66,10 @@ pub struct Settings {
     /// keep-alive timeout). Longer gets the connection closed.
     #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
+    /// Longest a response may wait for the client to read any of it (a stalled reader holds
+    /// a connection and an upstream connection); longer gets the connection closed.
+    #[arg(long, env = "TOLLGATE_SEND_TIMEOUT_MS", default_value_t = 60_000)]
+    pub send_timeout_ms: u64,
 }
 
 impl Settings {
@@ -93,6 +97,9 @@ impl Settings {
         }
         if self.header_timeout_ms < 100 {
             anyhow::bail!("TOLLGATE_HEADER_TIMEOUT_MS must be at least 100");
+        }
+        if self.send_timeout_ms < 100 {
+            anyhow::bail!("TOLLGATE_SEND_TIMEOUT_MS must be at least 100");
         }
         if self.max_header_bytes < 8192 {
             anyhow::bail!("TOLLGATE_MAX_HEADER_BYTES must be at least 8192");

@@ -8,8 +8,15 @@
 //! - HTTP/2 connections, whose requests are streams: one with no stream open for longer than
 //!   the timeout is closed (its idle timeout).
 //!
-//! Once a connection has shown an HTTP/1 request, hyper's timer takes over and the watchdog
-//! stops: HTTP/1 requests cost it nothing. For HTTP/2:
+//! Once a connection has shown an HTTP/1 request, hyper's timer takes over its heads: HTTP/1
+//! requests cost the watchdog nothing.
+//!
+//! It also keeps the send timeout, for both protocols: the framing guard (`framing.rs`)
+//! notes when a write to the client has to wait and when one goes through; a connection whose
+//! writes waited for longer than the send timeout (the client stopped reading) is closed. The
+//! timer fires at least once per send timeout, so a stalled client is cut after 1–2× it.
+//!
+//! For HTTP/2:
 //!
 //! - a stream counts as in flight from the moment hyper hands it to the service until its
 //!   response body is dropped (fully sent, or the stream is gone);
@@ -40,8 +47,11 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `accepted` when the last request in flight ended.
     idle_since_ms: AtomicU64,
-    /// An HTTP/1 request was seen: hyper's header timeout keeps the connection from now on.
+    /// An HTTP/1 request was seen: hyper's header timeout keeps its heads from now on.
     http1: AtomicBool,
+    /// 0 while writes to the client go through; else 1 + the milliseconds after `accepted`
+    /// when a write first had to wait for the client to read.
+    write_blocked_ms: AtomicU64,
 }
 
 /// What the watchdog does when its timer fires.
@@ -49,10 +59,8 @@ pub struct Activity {
 enum Verdict {
     /// Look again at this instant.
     Recheck(Instant),
-    /// No head within the timeout: close the connection.
-    Close,
-    /// HTTP/1: hyper's header timeout keeps the connection.
-    Stop,
+    /// Close the connection, for this reason.
+    Close(Ended),
 }
 
 impl Activity {
@@ -63,6 +71,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             http1: AtomicBool::new(false),
+            write_blocked_ms: AtomicU64::new(0),
         })
     }
 
@@ -84,22 +93,58 @@ impl Activity {
         None
     }
 
-    fn verdict(&self, now: Instant, timeout: Duration) -> Verdict {
+    /// A write to the client had to wait (its receive window and our send buffer are full).
+    pub fn write_pending(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
+            let blocked = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.write_blocked_ms
+                .store(blocked.saturating_add(1), Ordering::Release);
+        }
+    }
+
+    /// A write to the client went through.
+    pub fn write_progress(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
+            self.write_blocked_ms.store(0, Ordering::Release);
+        }
+    }
+
+    fn verdict(&self, now: Instant, timeouts: Timeouts) -> Verdict {
+        // Writes stalled: the client does not read what it asked for.
+        let mut next = now + timeouts.send;
+        let blocked = self.write_blocked_ms.load(Ordering::Acquire);
+        if blocked != 0 {
+            let deadline = self.accepted + Duration::from_millis(blocked - 1) + timeouts.send;
+            if deadline <= now {
+                return Verdict::Close(Ended::SendTimeout);
+            }
+            next = next.min(deadline);
+        }
+        // HTTP/1 heads are hyper's; before the protocol shows, and for HTTP/2, no stream open.
         if self.http1.load(Ordering::Acquire) {
-            return Verdict::Stop;
+            return Verdict::Recheck(next);
         }
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Verdict::Recheck(now + timeout);
+            return Verdict::Recheck(next.min(now + timeouts.idle));
         }
         let idle_since =
             self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        let deadline = idle_since + timeout;
+        let deadline = idle_since + timeouts.idle;
         if deadline > now {
-            Verdict::Recheck(deadline)
+            Verdict::Recheck(next.min(deadline))
         } else {
-            Verdict::Close
+            Verdict::Close(Ended::HeaderTimeout)
         }
     }
+}
+
+/// The watchdog's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a new connection to show its protocol, and for an HTTP/2 one with no stream open.
+    pub idle: Duration,
+    /// For a stalled write to the client to make progress.
+    pub send: Duration,
 }
 
 /// A request in flight on a connection; dropping it ends the request.
@@ -154,12 +199,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 }
 
 /// Why a watched connection ended without an error of its own.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
     /// The connection finished (closed by the client, or shut down).
     Done,
-    /// No request head within the header timeout; the connection was dropped.
+    /// No protocol shown, or no HTTP/2 stream open, within the timeout; dropped.
     HeaderTimeout,
+    /// The client read nothing of what was written to it within the send timeout; dropped.
+    SendTimeout,
 }
 
 /// Drives `connection` until it finishes, or until it has waited longer than `timeout` for a
@@ -167,24 +214,23 @@ pub enum Ended {
 pub async fn watch<F, E>(
     connection: F,
     activity: Arc<Activity>,
-    timeout: Duration,
+    timeouts: Timeouts,
 ) -> Result<Ended, E>
 where
     F: Future<Output = Result<(), E>>,
 {
     let mut connection = pin!(connection);
-    let mut timer = pin!(tokio::time::sleep(timeout));
+    let mut timer = pin!(tokio::time::sleep(timeouts.idle.min(timeouts.send)));
     // The timer is polled (which registers this task to be woken) when armed, and after
     // that only once it has fired: not on every wake-up of the connection, which is what
     // `select!` would do.
     let mut registered = false;
-    let mut stopped = false;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
             return Poll::Ready(result.map(|()| Ended::Done));
         }
         loop {
-            if stopped || (registered && !timer.is_elapsed()) {
+            if registered && !timer.is_elapsed() {
                 return Poll::Pending;
             }
             // Outside the task's cooperative budget: a Sleep polled with the budget spent
@@ -194,13 +240,12 @@ where
                     registered = true;
                     return Poll::Pending;
                 }
-                Poll::Ready(()) => match activity.verdict(Instant::now(), timeout) {
+                Poll::Ready(()) => match activity.verdict(Instant::now(), timeouts) {
                     Verdict::Recheck(at) => {
                         timer.as_mut().reset(at);
                         registered = false;
                     }
-                    Verdict::Close => return Poll::Ready(Ok(Ended::HeaderTimeout)),
-                    Verdict::Stop => stopped = true,
+                    Verdict::Close(why) => return Poll::Ready(Ok(why)),
                 },
             }
         }
@@ -215,41 +260,75 @@ mod tests {
     #[test]
     fn verdicts() {
         let timeout = Duration::from_millis(1000);
+        // A send timeout longer than the idle one, so that the idle deadlines show.
+        let timeouts = Timeouts {
+            idle: timeout,
+            send: Duration::from_secs(600),
+        };
         let activity = Activity::new();
         let t0 = activity.accepted;
-        // Fresh connection: waiting for its first head since it was accepted.
+        // Fresh connection: waiting for its protocol since it was accepted.
         assert_eq!(
-            activity.verdict(t0 + Duration::from_millis(400), timeout),
+            activity.verdict(t0 + Duration::from_millis(400), timeouts),
             Verdict::Recheck(t0 + timeout)
         );
-        assert_eq!(activity.verdict(t0 + timeout, timeout), Verdict::Close);
-        // A request in flight is never cut, however long it takes.
+        assert_eq!(
+            activity.verdict(t0 + timeout, timeouts),
+            Verdict::Close(Ended::HeaderTimeout)
+        );
+        // A request in flight is never cut for idleness, however long it takes.
         let request = activity.begin();
         let later = t0 + Duration::from_secs(60);
         assert_eq!(
-            activity.verdict(later, timeout),
+            activity.verdict(later, timeouts),
             Verdict::Recheck(later + timeout)
         );
-        // Once it ends, the wait for the next head starts then.
+        // Once it ends, the idle time starts then.
         drop(request);
         let ended = activity.accepted
             + Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
         assert_eq!(
-            activity.verdict(ended + Duration::from_millis(10), timeout),
+            activity.verdict(ended + Duration::from_millis(10), timeouts),
             Verdict::Recheck(ended + timeout)
         );
-        assert_eq!(activity.verdict(ended + timeout, timeout), Verdict::Close);
+        assert_eq!(
+            activity.verdict(ended + timeout, timeouts),
+            Verdict::Close(Ended::HeaderTimeout)
+        );
         // Concurrent requests (HTTP/2 streams): idle only once the last one ends.
         let (a, b) = (activity.begin(), activity.begin());
         drop(a);
-        assert!(
-            matches!(activity.verdict(later, timeout), Verdict::Recheck(at) if at == later + timeout)
+        assert_eq!(
+            activity.verdict(later, timeouts),
+            Verdict::Recheck(later + timeout)
         );
         drop(b);
         assert_eq!(activity.in_flight.load(Ordering::Acquire), 0);
-        // HTTP/2 streams are tracked; an HTTP/1 request hands over to hyper's timer.
+        // HTTP/2 streams are tracked; an HTTP/1 request hands its heads to hyper's timer,
+        // and the watchdog then only looks at writes, once per send timeout.
         assert!(activity.request(http::Version::HTTP_2).is_some());
         assert!(activity.request(http::Version::HTTP_11).is_none());
-        assert_eq!(activity.verdict(later, timeout), Verdict::Stop);
+        assert_eq!(
+            activity.verdict(later, timeouts),
+            Verdict::Recheck(later + timeouts.send)
+        );
+        // A write that waits: cut once it has waited for the send timeout, unless it moved.
+        activity.write_pending();
+        let blocked = activity.accepted
+            + Duration::from_millis(activity.write_blocked_ms.load(Ordering::Acquire) - 1);
+        activity.write_pending(); // a second wait does not restart the clock
+        assert_eq!(
+            activity.verdict(blocked + Duration::from_secs(1), timeouts),
+            Verdict::Recheck(blocked + timeouts.send)
+        );
+        assert_eq!(
+            activity.verdict(blocked + timeouts.send, timeouts),
+            Verdict::Close(Ended::SendTimeout)
+        );
+        activity.write_progress();
+        assert_eq!(
+            activity.verdict(blocked + timeouts.send, timeouts),
+            Verdict::Recheck(blocked + timeouts.send + timeouts.send)
+        );
     }
 }
