@@ -113,6 +113,7 @@ pub async fn run(
         max_header_bytes: 32 * 1024,
         header_timeout_ms: 30_000,
         send_timeout_ms: 60_000,
+        body_timeout_ms: 60_000,
         redis_url: None,
         redis_prefix: "tollgate".into(),
         redis_timeout_ms: 10,

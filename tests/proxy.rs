@@ -1106,3 +1106,45 @@ async fn clients_that_stop_reading_are_cut_after_the_send_timeout() {
         .expect("GET");
     assert_eq!(response.bytes().await.expect("body").len(), 8 * 1024 * 1024);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup_configured(
+        &[json!({"name": "t", "paths": ["/t"], "upstream": "u"})],
+        |settings| settings.body_timeout_ms = 500,
+    )
+    .await;
+    // Announces 100 000 bytes, sends 1000, and stops: closed after the body timeout.
+    let mut client = tokio::net::TcpStream::connect(s.dp.proxy)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"POST /t/upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .expect("head");
+    client.write_all(&[b'x'; 1000]).await.expect("body");
+    let closed = closed_within(&mut client, Duration::from_secs(5))
+        .await
+        .expect("a stalled body is cut");
+    assert!(
+        closed >= Duration::from_millis(450),
+        "cut early: {closed:?}"
+    );
+
+    // A body that keeps coming, slower than the timeout in all, is not cut.
+    let mut client = tokio::net::TcpStream::connect(s.dp.proxy)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"POST /t/slow-upload HTTP/1.1\r\nHost: a\r\nContent-Length: 4000\r\n\r\n")
+        .await
+        .expect("head");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.write_all(&[b'y'; 1000]).await.expect("body");
+    }
+    let answer = read_response(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_bytes\":4000"), "{answer}");
+}

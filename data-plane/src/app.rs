@@ -91,6 +91,7 @@ impl DataPlane {
                 max_header_bytes: settings.max_header_bytes,
                 header_timeout: Duration::from_millis(settings.header_timeout_ms),
                 send_timeout: Duration::from_millis(settings.send_timeout_ms),
+                body_timeout: Duration::from_millis(settings.body_timeout_ms),
             },
             redis: settings
                 .redis_url

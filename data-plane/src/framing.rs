@@ -77,6 +77,18 @@ impl Default for Tracker {
 }
 
 impl Tracker {
+    /// Whether the bytes expected next belong to a request body.
+    pub fn in_body(&self) -> bool {
+        matches!(
+            self.state,
+            State::Body(_)
+                | State::ChunkSize
+                | State::ChunkData(_)
+                | State::ChunkEnd
+                | State::Trailers
+        )
+    }
+
     /// Whether the tracker refused a head on this connection.
     pub fn refused(&self) -> bool {
         self.refused
@@ -249,7 +261,8 @@ pub struct Guarded<S> {
     inner: S,
     tracker: Tracker,
     refusal_written: usize,
-    /// Told when writes to the client wait and when they move (the send timeout).
+    /// Told when writes to the client, or reads of a request body, wait and when they move
+    /// (the send and body timeouts).
     activity: Arc<Activity>,
 }
 
@@ -290,6 +303,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
         }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &result {
+            // Waiting for the rest of a body the client announced (the body timeout).
+            Poll::Pending if this.tracker.in_body() => this.activity.body_read_pending(),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.activity.read_progress(),
+            _ => {}
+        }
         if let Poll::Ready(Ok(())) = result
             && let Some(keep) = this.tracker.scan(&buf.filled()[before..])
         {

@@ -33,6 +33,8 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Longest a write to the client may wait for it to read (the watchdog).
     pub send_timeout: Duration,
+    /// Longest a request body may wait for the client to send more (the watchdog).
+    pub body_timeout: Duration,
 }
 
 /// Accepts proxy connections until `cancel`, then drains in-flight requests.
@@ -82,7 +84,11 @@ pub async fn serve_proxy(
                 let connection = builder.serve_connection(stream, service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
-                    let timeouts = Timeouts { idle: limits.header_timeout, send: limits.send_timeout };
+                    let timeouts = Timeouts {
+                        idle: limits.header_timeout,
+                        send: limits.send_timeout,
+                        body: limits.body_timeout,
+                    };
                     match watch(connection, activity, timeouts).await {
                         Ok(Ended::Done) => {}
                         Ok(Ended::HeaderTimeout) => {
@@ -90,6 +96,9 @@ pub async fn serve_proxy(
                         }
                         Ok(Ended::SendTimeout) => {
                             tracing::debug!(%peer, "closed: the client read nothing within the send timeout");
+                        }
+                        Ok(Ended::BodyTimeout) => {
+                            tracing::debug!(%peer, "closed: the client sent none of its body within the body timeout");
                         }
                         Err(error) => tracing::debug!(%error, %peer, "connection ended with an error"),
                     }

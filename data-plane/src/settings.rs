@@ -70,6 +70,10 @@ pub struct Settings {
     /// a connection and an upstream connection); longer gets the connection closed.
     #[arg(long, env = "TOLLGATE_SEND_TIMEOUT_MS", default_value_t = 60_000)]
     pub send_timeout_ms: u64,
+    /// Longest a request body may wait for the client to send more of it (HTTP/1); longer
+    /// gets the connection closed.
+    #[arg(long, env = "TOLLGATE_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub body_timeout_ms: u64,
 }
 
 impl Settings {
@@ -100,6 +104,9 @@ impl Settings {
         }
         if self.send_timeout_ms < 100 {
             anyhow::bail!("TOLLGATE_SEND_TIMEOUT_MS must be at least 100");
+        }
+        if self.body_timeout_ms < 100 {
+            anyhow::bail!("TOLLGATE_BODY_TIMEOUT_MS must be at least 100");
         }
         if self.max_header_bytes < 8192 {
             anyhow::bail!("TOLLGATE_MAX_HEADER_BYTES must be at least 8192");

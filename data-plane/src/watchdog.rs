@@ -11,7 +11,8 @@
 //! Once a connection has shown an HTTP/1 request, hyper's timer takes over its heads: HTTP/1
 //! requests cost the watchdog nothing.
 //!
-//! It also keeps the send timeout, for both protocols: the framing guard (`framing.rs`)
+//! It also keeps the body timeout (HTTP/1: a read of a request body that waits longer for
+//! the client to send closes the connection) and the send timeout, for both protocols: the framing guard (`framing.rs`)
 //! notes when a write to the client has to wait and when one goes through; a connection whose
 //! writes waited for longer than the send timeout (the client stopped reading) is closed. The
 //! timer fires at least once per send timeout, so a stalled client is cut after 1–2× it.
@@ -52,6 +53,8 @@ pub struct Activity {
     /// 0 while writes to the client go through; else 1 + the milliseconds after `accepted`
     /// when a write first had to wait for the client to read.
     write_blocked_ms: AtomicU64,
+    /// The same for reads of a request body waiting for the client to send.
+    read_blocked_ms: AtomicU64,
 }
 
 /// What the watchdog does when its timer fires.
@@ -72,6 +75,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             http1: AtomicBool::new(false),
             write_blocked_ms: AtomicU64::new(0),
+            read_blocked_ms: AtomicU64::new(0),
         })
     }
 
@@ -95,30 +99,53 @@ impl Activity {
 
     /// A write to the client had to wait (its receive window and our send buffer are full).
     pub fn write_pending(&self) {
-        if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
-            let blocked = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.write_blocked_ms
-                .store(blocked.saturating_add(1), Ordering::Release);
-        }
+        self.blocked(&self.write_blocked_ms);
     }
 
     /// A write to the client went through.
     pub fn write_progress(&self) {
-        if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
-            self.write_blocked_ms.store(0, Ordering::Release);
+        unblocked(&self.write_blocked_ms);
+    }
+
+    /// A read of a request body had to wait for the client to send.
+    pub fn body_read_pending(&self) {
+        self.blocked(&self.read_blocked_ms);
+    }
+
+    /// Bytes came from the client.
+    pub fn read_progress(&self) {
+        unblocked(&self.read_blocked_ms);
+    }
+
+    fn blocked(&self, since: &AtomicU64) {
+        if since.load(Ordering::Relaxed) == 0 {
+            let now = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+            since.store(now.saturating_add(1), Ordering::Release);
+        }
+    }
+
+    /// When a wait noted in `since` runs out after `timeout`, if one is going on.
+    fn stall_deadline(&self, since: &AtomicU64, timeout: Duration) -> Option<Instant> {
+        match since.load(Ordering::Acquire) {
+            0 => None,
+            blocked => Some(self.accepted + Duration::from_millis(blocked - 1) + timeout),
         }
     }
 
     fn verdict(&self, now: Instant, timeouts: Timeouts) -> Verdict {
-        // Writes stalled: the client does not read what it asked for.
-        let mut next = now + timeouts.send;
-        let blocked = self.write_blocked_ms.load(Ordering::Acquire);
-        if blocked != 0 {
-            let deadline = self.accepted + Duration::from_millis(blocked - 1) + timeouts.send;
-            if deadline <= now {
-                return Verdict::Close(Ended::SendTimeout);
+        let mut next = now + timeouts.send.min(timeouts.body);
+        // Writes stalled (the client does not read what it asked for), or a body stalled (the
+        // client does not send what it announced).
+        for (since, timeout, why) in [
+            (&self.write_blocked_ms, timeouts.send, Ended::SendTimeout),
+            (&self.read_blocked_ms, timeouts.body, Ended::BodyTimeout),
+        ] {
+            if let Some(deadline) = self.stall_deadline(since, timeout) {
+                if deadline <= now {
+                    return Verdict::Close(why);
+                }
+                next = next.min(deadline);
             }
-            next = next.min(deadline);
         }
         // HTTP/1 heads are hyper's; before the protocol shows, and for HTTP/2, no stream open.
         if self.http1.load(Ordering::Acquire) {
@@ -145,6 +172,15 @@ pub struct Timeouts {
     pub idle: Duration,
     /// For a stalled write to the client to make progress.
     pub send: Duration,
+    /// For a stalled request body to make progress.
+    pub body: Duration,
+}
+
+/// Clears a wait noted in `since`.
+fn unblocked(since: &AtomicU64) {
+    if since.load(Ordering::Relaxed) != 0 {
+        since.store(0, Ordering::Release);
+    }
 }
 
 /// A request in flight on a connection; dropping it ends the request.
@@ -207,6 +243,8 @@ pub enum Ended {
     HeaderTimeout,
     /// The client read nothing of what was written to it within the send timeout; dropped.
     SendTimeout,
+    /// The client sent nothing of a request body within the body timeout; dropped.
+    BodyTimeout,
 }
 
 /// Drives `connection` until it finishes, or until it has waited longer than `timeout` for a
@@ -220,7 +258,9 @@ where
     F: Future<Output = Result<(), E>>,
 {
     let mut connection = pin!(connection);
-    let mut timer = pin!(tokio::time::sleep(timeouts.idle.min(timeouts.send)));
+    let mut timer = pin!(tokio::time::sleep(
+        timeouts.idle.min(timeouts.send).min(timeouts.body)
+    ));
     // The timer is polled (which registers this task to be woken) when armed, and after
     // that only once it has fired: not on every wake-up of the connection, which is what
     // `select!` would do.
@@ -264,6 +304,7 @@ mod tests {
         let timeouts = Timeouts {
             idle: timeout,
             send: Duration::from_secs(600),
+            body: Duration::from_secs(900),
         };
         let activity = Activity::new();
         let t0 = activity.accepted;
@@ -330,5 +371,18 @@ mod tests {
             activity.verdict(blocked + timeouts.send, timeouts),
             Verdict::Recheck(blocked + timeouts.send + timeouts.send)
         );
+        // A request body that waits: cut after the body timeout, unless bytes came.
+        activity.body_read_pending();
+        let waiting = activity.accepted
+            + Duration::from_millis(activity.read_blocked_ms.load(Ordering::Acquire) - 1);
+        assert_eq!(
+            activity.verdict(waiting + timeouts.body, timeouts),
+            Verdict::Close(Ended::BodyTimeout)
+        );
+        activity.read_progress();
+        assert!(matches!(
+            activity.verdict(waiting + timeouts.body, timeouts),
+            Verdict::Recheck(_)
+        ));
     }
 }

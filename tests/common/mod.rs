@@ -591,6 +591,7 @@ impl TestDp {
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 30_000,
             send_timeout_ms: 60_000,
+            body_timeout_ms: 60_000,
             redis_url: None,
             redis_prefix: "tollgate".into(),
             jwks_ca_file: None,
