@@ -312,13 +312,7 @@ async fn send_body_watching(
             written = &mut write => return written.map(|()| BodyOutcome::Sent),
             read = reader.read_buf(buf) => match read {
                 Ok(read) if read > 0 => {
-                    while let Some(answer) = parse_head(buf, method)? {
-                        if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
-                            return Err(SendError::BadResponse("unexpected 101".into()));
-                        }
-                        if answer.0.status.is_informational() {
-                            continue;
-                        }
+                    if let Some(answer) = final_answer(buf, method)? {
                         if answer.0.status.as_u16() >= 400 {
                             return Ok(BodyOutcome::Answered { answer, whole: false });
                         }
@@ -367,6 +361,20 @@ fn after_early(written: Result<(), SendError>, answer: Answer) -> Result<BodyOut
     }
 }
 
+/// The final response head if `buf` holds it whole; interim 1xx heads before it are dropped
+/// (a 101 is refused: no upgrade was asked for).
+fn final_answer(buf: &mut BytesMut, method: &Method) -> Result<Option<Answer>, SendError> {
+    while let Some(answer) = parse_head(buf, method)? {
+        if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(SendError::BadResponse("unexpected 101".into()));
+        }
+        if !answer.0.status.is_informational() {
+            return Ok(Some(answer));
+        }
+    }
+    Ok(None)
+}
+
 /// Reads the final response head (interim 1xx answers skipped); `buf` may already hold part
 /// of it, and keeps whatever of the body came with it.
 async fn read_answer(
@@ -378,15 +386,8 @@ async fn read_answer(
     // got the request).
     let mut answered = !buf.is_empty();
     loop {
-        if let Some(answer) = parse_head(buf, method)? {
-            if !answer.0.status.is_informational() {
-                return Ok(answer);
-            }
-            if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(SendError::BadResponse("unexpected 101".into()));
-            }
-            answered = true;
-            continue;
+        if let Some(answer) = final_answer(buf, method)? {
+            return Ok(answer);
         }
         if buf.len() >= MAX_HEAD {
             return Err(SendError::BadResponse("response head too large".into()));
