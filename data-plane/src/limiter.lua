@@ -11,8 +11,12 @@
 -- KEYS, limit after limit: a window has two keys (`<name>|ms`, a sorted set of the
 --   milliseconds that hold admissions; `<name>|n`, a hash of admissions per millisecond plus
 --   the total under 't'), a quota one (its counter).
--- Then the number of requests R, and per request: its time (Unix ms, the data plane's clock
---   when it arrived), its number of limits n, and the index (1-based) of each.
+-- Then the number of groups G, and per group: its time (Unix ms, the data plane's clock when
+--   its requests arrived), its number of requests m, its number of limits n, and the index
+--   (1-based) of each. A group is a run of requests, consecutive in the batch, with the same
+--   time and the same limits: identical requests, so deciding them one by one admits the
+--   first k = min(m, room left in each limit) and refuses the rest. The script computes k
+--   once; its work follows the number of groups, not of requests.
 --
 -- Sliding window (exact, at millisecond resolution like the times themselves): a request is
 -- admitted while fewer than `limit` admissions happened after time - length. Admissions are
@@ -30,10 +34,12 @@
 -- TTLs): turning a Lua number back into a string costs a float formatting and a parse each
 -- time.
 --
--- Returns, request after request, {admitted (0|1), count_1, retry_ms_1, ..., count_n,
--- retry_ms_n}: for each limit the count after this request (or the count that refused it),
--- and for a window that refused, ms until its oldest admission leaves it (-1 otherwise: the
--- data plane knows the window length and the period end).
+-- Returns, group after group, {k (requests admitted), count_1, retry_ms_1, ..., count_n,
+-- retry_ms_n}: for each limit the count after the group's k admissions (for the refused
+-- requests, the count that refused them), and, when some were refused, for a window that
+-- refused them the ms until its oldest admission leaves it (-1 otherwise: the data plane knows
+-- the window length and the period end). The data plane derives each request's answer: the
+-- j-th admitted (1-based) saw count - k + j.
 
 local limits = {}
 local arg = 2
@@ -140,15 +146,14 @@ end
 
 local out = {}
 for _ = 1, tonumber(ARGV[arg]) do
-  arg = arg + 1
-  local now = ARGV[arg]
-  local n = tonumber(ARGV[arg + 1])
-  arg = arg + 2
-  local admitted = 1
-  local base = #out + 1
-  out[base] = 1
+  local now = ARGV[arg + 1]
+  local size = tonumber(ARGV[arg + 2])
+  local n = tonumber(ARGV[arg + 3])
+  local first = arg + 4
+  arg = arg + 3 + n
+  local room = size
   for i = 1, n do
-    local l = limits[tonumber(ARGV[arg + i - 1])]
+    local l = limits[tonumber(ARGV[first + i - 1])]
     local c = cache[l.k]
     if l.window then
       if c == nil then
@@ -164,33 +169,32 @@ for _ = 1, tonumber(ARGV[arg]) do
       c = {now = now, count = tonumber(redis.call('GET', l.k) or '0'), pending = 0}
       cache[l.k] = c
     end
+    if l.limit - c.count < room then
+      room = l.limit - c.count
+    end
+  end
+  if room < 0 then
+    room = 0
+  end
+  local base = #out + 1
+  out[base] = room
+  for i = 1, n do
+    local l = limits[tonumber(ARGV[first + i - 1])]
+    local c = cache[l.k]
+    c.count = c.count + room
+    c.pending = c.pending + room
     out[base + 2 * i - 1] = c.count
     out[base + 2 * i] = -1
-    if c.count >= l.limit then
-      admitted = 0
-      if l.window and c.count > 0 then
-        flush(l, c)
-        -- The oldest millisecond still in the window (expired ones not pruned yet are not).
-        local oldest = redis.call('ZRANGEBYSCORE', l.k, '(' .. (tonumber(now) - l.length), '+inf',
-          'WITHSCORES', 'LIMIT', 0, 1)
-        if oldest[2] then
-          out[base + 2 * i] = tonumber(oldest[2]) + l.length - tonumber(now)
-        end
+    if room < size and l.window and c.count >= l.limit and c.count > 0 then
+      flush(l, c)
+      -- The oldest millisecond still in the window (expired ones not pruned yet are not).
+      local oldest = redis.call('ZRANGEBYSCORE', l.k, '(' .. (tonumber(now) - l.length), '+inf',
+        'WITHSCORES', 'LIMIT', 0, 1)
+      if oldest[2] then
+        out[base + 2 * i] = tonumber(oldest[2]) + l.length - tonumber(now)
       end
     end
   end
-  if admitted == 1 then
-    for i = 1, n do
-      local l = limits[tonumber(ARGV[arg + i - 1])]
-      local c = cache[l.k]
-      c.count = c.count + 1
-      c.pending = c.pending + 1
-      out[base + 2 * i - 1] = c.count
-    end
-  else
-    out[base] = 0
-  end
-  arg = arg + n - 1
 end
 for j = 1, #limits do
   local l = limits[j]

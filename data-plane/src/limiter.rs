@@ -311,7 +311,7 @@ async fn run_batches(
         if batch.is_empty() {
             continue;
         }
-        let invocation = invocation(&script, &batch);
+        let (invocation, groups) = invocation(&script, &batch);
         let result: Result<Vec<i64>, String> =
             match tokio::time::timeout(timeout, invocation.invoke_async(&mut connection)).await {
                 Ok(Ok(values)) => Ok(values),
@@ -319,17 +319,7 @@ async fn run_batches(
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             };
         match result {
-            Ok(values) => {
-                let mut offset = 0;
-                for pending in batch.drain(..) {
-                    let end = (offset + 1 + 2 * pending.limits.len()).min(values.len());
-                    let answer = values.get(offset..end).map(<[i64]>::to_vec);
-                    offset = end;
-                    let _ = pending
-                        .reply
-                        .send(answer.ok_or_else(|| "short answer from the script".to_string()));
-                }
-            }
+            Ok(values) => answer_groups(&mut batch, &groups, &values),
             Err(error) => {
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(Err(error.clone()));
@@ -345,16 +335,37 @@ async fn run_batches(
     }
 }
 
-/// The script call for `batch`: its distinct limits once each (with their keys), then each
-/// request as its time and the indexes of its limits.
-fn invocation<'a>(script: &'a redis::Script, batch: &[Pending]) -> redis::ScriptInvocation<'a> {
+/// The script call for `batch`: its distinct limits once each (with their keys), then its
+/// requests as groups (see `limiter.lua`): runs of consecutive requests with the same time and
+/// the same limits, each sent as its time, size and the indexes of its limits. Also returns the
+/// size and number of limits of each group, to split the answer.
+fn invocation<'a>(
+    script: &'a redis::Script,
+    batch: &[Pending],
+) -> (redis::ScriptInvocation<'a>, Vec<(usize, usize)>) {
     let mut distinct: HashMap<&LimitArgs, usize> = HashMap::new();
     let mut order: Vec<&LimitArgs> = Vec::new();
-    for limit in batch.iter().flat_map(|pending| &pending.limits) {
-        distinct.entry(limit).or_insert_with(|| {
-            order.push(limit);
-            order.len()
-        });
+    // Per group: time, size, and its limits' indexes in `indexes`.
+    let mut groups: Vec<(i64, usize, std::ops::Range<usize>)> = Vec::new();
+    let mut indexes: Vec<usize> = Vec::new();
+    for pending in batch {
+        let start = indexes.len();
+        for limit in &pending.limits {
+            let index = *distinct.entry(limit).or_insert_with(|| {
+                order.push(limit);
+                order.len()
+            });
+            indexes.push(index);
+        }
+        match groups.last_mut() {
+            Some((now, size, range))
+                if *now == pending.now_ms && indexes[range.clone()] == indexes[start..] =>
+            {
+                *size += 1;
+                indexes.truncate(start);
+            }
+            _ => groups.push((pending.now_ms, 1, start..indexes.len())),
+        }
     }
     let mut invocation = script.prepare_invoke();
     invocation.arg(order.len());
@@ -366,14 +377,57 @@ fn invocation<'a>(script: &'a redis::Script, batch: &[Pending]) -> redis::Script
             invocation.key(&limit.key);
         }
     }
-    invocation.arg(batch.len());
-    for pending in batch {
-        invocation.arg(pending.now_ms).arg(pending.limits.len());
-        for limit in &pending.limits {
-            invocation.arg(distinct.get(limit).copied().unwrap_or(0));
+    invocation.arg(groups.len());
+    for (now, size, range) in &groups {
+        invocation.arg(*now).arg(*size).arg(range.len());
+        invocation.arg(&indexes[range.clone()]);
+    }
+    let shapes = groups
+        .iter()
+        .map(|(_, size, range)| (*size, range.len()))
+        .collect();
+    (invocation, shapes)
+}
+
+/// Answers each request of `batch` from the script's per-group `values`: of a group of `size`
+/// whose answer is `{k, count_1, retry_1, ...}`, the first k are admitted, the j-th (from 1)
+/// having seen `count - k + j` for each limit, and the rest are refused at `count`.
+fn answer_groups(batch: &mut Vec<Pending>, groups: &[(usize, usize)], values: &[i64]) {
+    let mut requests = batch.drain(..);
+    let mut offset = 0;
+    for &(size, limits) in groups {
+        let answer = values.get(offset..offset + 1 + 2 * limits);
+        offset += 1 + 2 * limits;
+        for j in 0..size {
+            let Some(pending) = requests.next() else {
+                return;
+            };
+            let reply = answer
+                .and_then(|answer| {
+                    let (admitted, per_limit) = answer.split_first()?;
+                    let admitted = usize::try_from(*admitted).ok()?;
+                    let before = i64::try_from(admitted.saturating_sub(j)).ok()?;
+                    let mut reply = Vec::with_capacity(answer.len());
+                    if j < admitted {
+                        reply.push(1);
+                        for count in per_limit.iter().step_by(2) {
+                            reply.extend([count - before + 1, -1]);
+                        }
+                    } else {
+                        reply.push(0);
+                        reply.extend_from_slice(per_limit);
+                    }
+                    Some(reply)
+                })
+                .ok_or_else(|| "short answer from the script".to_string());
+            let _ = pending.reply.send(reply);
         }
     }
-    invocation
+    for pending in requests {
+        let _ = pending
+            .reply
+            .send(Err("short answer from the script".to_string()));
+    }
 }
 
 fn decode(checks: &[Check], values: &[i64], now_ms: i64) -> Decision {
@@ -576,15 +630,24 @@ mod tests {
             (0..30).map(|i| decide(vec![window.clone()], t0 + (i / 15) as i64, i)),
         )
         .await;
-        let mut counts: Vec<u64> = decisions
+        // Decided in order (two groups of identical requests): the first ten admitted, each
+        // seeing its own count; the rest refused at 10 until t0 leaves the window.
+        let seen: Vec<(bool, u64, i64)> = decisions
             .iter()
-            .filter_map(|d| match d {
-                Decision::Admitted(usages) => Some(usages[0].count),
-                _ => None,
+            .map(|d| match d {
+                Decision::Admitted(usages) => (true, usages[0].count, usages[0].reset_ms),
+                Decision::Limited(usages, _) => (false, usages[0].count, usages[0].reset_ms),
+                Decision::Unavailable => panic!("Redis answers"),
             })
             .collect();
-        counts.sort_unstable();
-        assert_eq!(counts, (1..=10).collect::<Vec<_>>());
+        let expected: Vec<(bool, u64, i64)> = (0..30)
+            .map(|i| match i {
+                0..10 => (true, i + 1, 1_000),
+                10..15 => (false, 10, 1_000),
+                _ => (false, 10, 999),
+            })
+            .collect();
+        assert_eq!(seen, expected);
         // Refused half a window later: a slot frees when the oldest (t0) leaves.
         match decide(vec![window.clone()], t0 + 500, 100).await {
             Decision::Limited(usages, 0) => {
@@ -597,6 +660,50 @@ mod tests {
             Decision::Admitted(usages) => assert_eq!(usages[0].count, 1),
             other => panic!("expected an admission: {other:?}"),
         }
+
+        // Runs of different limits are not merged: window-only, both, window-only again, in
+        // order. The quota admits 3 of the 4 that carry it; the window counts every admission.
+        let other = check(&format!("{prefix}:w2"), 100, Span::Window(1_000));
+        let mixed: Vec<Vec<Check>> = (0..9)
+            .map(|i| match i {
+                0..3 | 7..9 => vec![other.clone()],
+                _ => vec![other.clone(), quota.clone()],
+            })
+            .collect();
+        let decisions = futures_util::future::join_all(
+            mixed
+                .into_iter()
+                .enumerate()
+                .map(|(i, checks)| decide(checks, t0 + 1_500, 150 + i)),
+        )
+        .await;
+        let seen: Vec<(bool, u64)> = decisions
+            .iter()
+            .map(|d| match d {
+                Decision::Admitted(usages) => (true, usages[0].count),
+                Decision::Limited(usages, index) => (false, usages[*index].count),
+                Decision::Unavailable => panic!("Redis answers"),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (true, 1),
+                (true, 2),
+                (true, 3),
+                (true, 4),
+                (true, 5),
+                (true, 6),
+                (false, 3),
+                (true, 7),
+                (true, 8)
+            ]
+        );
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(&limits::window_keys(&format!("{prefix}:w2"))[..])
+            .arg(format!("{prefix}:q"))
+            .query_async(&mut machine_redis().await)
+            .await;
 
         // Quota and window together: all or nothing, in one batch.
         let both = vec![window.clone(), quota.clone()];
