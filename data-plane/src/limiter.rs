@@ -193,13 +193,15 @@ impl MemoryLimiter {
 /// what a failing Redis costs.
 pub struct RedisLimiter {
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
-    timeout: Duration,
     failures: AtomicU32,
     open_until_ms: AtomicI64,
 }
 
 /// One request waiting for its batch.
 struct Pending {
+    /// When it was queued: a request that waited longer than the timeout for its batch is
+    /// answered with an error (its failure policy applies) instead of being sent.
+    queued: std::time::Instant,
     now_ms: i64,
     limits: Vec<LimitArgs>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, String>>,
@@ -234,7 +236,6 @@ impl RedisLimiter {
         tokio::spawn(run_batches(connection, timeout, pending));
         Ok(Self {
             queue,
-            timeout,
             failures: AtomicU32::new(0),
             open_until_ms: AtomicI64::new(0),
         })
@@ -247,6 +248,7 @@ impl RedisLimiter {
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending {
+            queued: std::time::Instant::now(),
             now_ms,
             limits: checks
                 .iter()
@@ -265,13 +267,13 @@ impl RedisLimiter {
                 .collect(),
             reply,
         };
+        // No timer here: the batching task answers every request within two timeouts (the
+        // wait for its batch, then its call), and an answer that comes is the decision Redis
+        // made and counted.
         let result = match self.queue.send(pending) {
-            // Queued behind at most one call in flight, which has its own timeout.
-            Ok(()) => match tokio::time::timeout(self.timeout * 2, answer).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err("the batching task stopped".to_string()),
-                Err(_) => Err(format!("no answer within {:?}", self.timeout * 2)),
-            },
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err("the batching task stopped".to_string())),
             Err(_) => Err("the batching task stopped".to_string()),
         };
         match result {
@@ -305,9 +307,18 @@ async fn run_batches(
     let script = redis::Script::new(include_str!("limiter.lua"));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // A request whose caller stopped waiting (its own timeout) must not be admitted: it
-        // was answered by its failure policy, and a refused request consumes nothing.
-        batch.retain(|pending: &Pending| !pending.reply.is_closed());
+        // A request whose caller is gone (its client left) is not counted. One that waited
+        // longer than the timeout for its batch (Redis slow, or a backlog of several batches)
+        // follows its failure policy rather than wait for another call.
+        let started = std::time::Instant::now();
+        let stale = |pending: &mut Pending| {
+            pending.reply.is_closed() || started.saturating_duration_since(pending.queued) > timeout
+        };
+        for pending in batch.extract_if(.., stale) {
+            let _ = pending
+                .reply
+                .send(Err(format!("waited over {timeout:?} for a batch")));
+        }
         if batch.is_empty() {
             continue;
         }
