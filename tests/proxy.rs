@@ -852,17 +852,42 @@ async fn raw_connection(addr: std::net::SocketAddr, bytes: &[u8]) -> tokio::net:
 /// Reads and discards until the server closes; how long that took, or `None` if it was still
 /// open after `limit`.
 async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    read_until_closed(stream, limit)
+        .await
+        .map(|(closed, _)| closed)
+}
+
+/// Reads everything the server sends until it closes the connection, for at most `limit`;
+/// returns when it closed and what it sent.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Option<(Duration, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let start = std::time::Instant::now();
+    let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {
         let left = limit.checked_sub(start.elapsed())?;
         match tokio::time::timeout(left, stream.read(&mut buffer)).await {
             Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
-            Ok(Ok(_)) => {}
+            Ok(Ok(0) | Err(_)) => return Some((start.elapsed(), received)),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
         }
     }
+}
+
+/// The types of the HTTP/2 frames in `bytes` (a server's side of a connection, from its
+/// start): each frame is a 9-byte header (24-bit length, type, flags, stream) and its payload.
+fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = bytes.get(9 + length..).unwrap_or_default();
+    }
+    types
 }
 
 /// Reads one response with a Content-Length body from a raw connection; returns it whole.
@@ -961,19 +986,25 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
     }
 
     // HTTP/2 (prior knowledge): a connection with no stream open is closed after the timeout
-    // too, whether it stops inside its preface or after a complete one.
-    for opening in [
-        &b"PRI * HTTP/2.0\r\n"[..],
-        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"[..],
+    // too, whether it stops inside its preface or after a complete one; after a complete one,
+    // with a GOAWAY first (frame type 7), so the client knows no request was lost.
+    for (opening, goaway) in [
+        (&b"PRI * HTTP/2.0\r\n"[..], false),
+        (
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"[..],
+            true,
+        ),
     ] {
         let mut h2 = raw_connection(s.dp.proxy, opening).await;
-        let closed = closed_within(&mut h2, Duration::from_secs(5))
+        let (closed, sent) = read_until_closed(&mut h2, Duration::from_secs(5))
             .await
             .expect("an idle HTTP/2 connection is closed");
         assert!(
             closed >= TIMEOUT - Duration::from_millis(50),
             "cut early: {closed:?}"
         );
+        let types = http2_frame_types(&sent);
+        assert_eq!(types.contains(&7), goaway, "frames sent: {types:?}");
     }
     // An HTTP/2 stream in flight longer than the timeout is not cut.
     let h2_client = reqwest::Client::builder()
@@ -1150,4 +1181,52 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
     let answer = read_response(&mut client).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"body_bytes\":4000"), "{answer}");
+}
+
+/// Shutdown: the listener closes, requests in flight (HTTP/1 and HTTP/2) finish, an idle
+/// HTTP/2 connection is told GOAWAY, and the data plane stops once they are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
+    let s = setup(&[]).await;
+    s.add_raw_upstream().await;
+    let h2_client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    // `/raw/late` answers a second after the request.
+    let in_flight = [s.client.clone(), h2_client].map(|client| {
+        let url = s.dp.url("/raw/late");
+        tokio::spawn(async move {
+            let response = client.get(url).send().await.expect("answered");
+            (response.status(), response.text().await.expect("body"))
+        })
+    });
+    let mut idle = raw_connection(
+        s.dp.proxy,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let proxy = s.dp.proxy;
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(s.dp.stop());
+    let (_, sent) = read_until_closed(&mut idle, Duration::from_secs(3))
+        .await
+        .expect("the idle HTTP/2 connection is closed");
+    let types = http2_frame_types(&sent);
+    assert!(types.contains(&7), "GOAWAY expected, frames: {types:?}");
+    for request in in_flight {
+        let (status, body) = request.await.expect("request task");
+        assert_eq!((status.as_u16(), body.as_str()), (200, "helloworld"));
+    }
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("stops once its requests are done")
+        .expect("stop task");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "the listener is closed"
+    );
 }

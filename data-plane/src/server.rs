@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,7 +53,8 @@ pub async fn serve_proxy(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a clone; shutdown waits for them to be dropped.
+    let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -82,17 +82,22 @@ pub async fn serve_proxy(
                 });
                 let stream = TokioIo::new(Guarded::new(stream, activity.clone()));
                 let connection = builder.serve_connection(stream, service).into_owned();
-                let connection = graceful.watch(connection);
+                let cancel = cancel.clone();
+                let live = live.clone();
                 tokio::spawn(async move {
+                    let _live = live;
                     let timeouts = Timeouts {
                         idle: limits.header_timeout,
                         send: limits.send_timeout,
                         body: limits.body_timeout,
                     };
-                    match watch(connection, activity, timeouts).await {
+                    let ended = watch(connection, activity, timeouts, cancel, |connection| {
+                        connection.graceful_shutdown();
+                    });
+                    match ended.await {
                         Ok(Ended::Done) => {}
                         Ok(Ended::HeaderTimeout) => {
-                            tracing::debug!(%peer, "closed: idle past the header timeout");
+                            tracing::debug!(%peer, "closed: idle past the header timeout (HTTP/2: GOAWAY)");
                         }
                         Ok(Ended::SendTimeout) => {
                             tracing::debug!(%peer, "closed: the client read nothing within the send timeout");
@@ -108,8 +113,10 @@ pub async fn serve_proxy(
         }
     }
     drop(listener);
+    // Each connection was told (`cancel`) to finish its requests and close.
+    drop(live);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        _ = all_closed.recv() => {}
         () = tokio::time::sleep(DRAIN) => tracing::warn!("shutdown: gave up waiting for in-flight requests"),
     }
 }

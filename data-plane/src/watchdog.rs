@@ -132,6 +132,12 @@ impl Activity {
         }
     }
 
+    /// No request in flight on a connection that is not HTTP/1 (whose requests hyper keeps):
+    /// one shut down gracefully may be dropped.
+    fn quiet(&self) -> bool {
+        !self.http1.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0
+    }
+
     fn verdict(&self, now: Instant, timeouts: Timeouts) -> Verdict {
         let mut next = now + timeouts.send.min(timeouts.body);
         // Writes stalled (the client does not read what it asked for), or a body stalled (the
@@ -239,7 +245,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 pub enum Ended {
     /// The connection finished (closed by the client, or shut down).
     Done,
-    /// No protocol shown, or no HTTP/2 stream open, within the timeout; dropped.
+    /// No protocol shown, or no HTTP/2 stream open, within the timeout; shut down gracefully
+    /// (GOAWAY), dropped if that does not finish soon.
     HeaderTimeout,
     /// The client read nothing of what was written to it within the send timeout; dropped.
     SendTimeout,
@@ -247,12 +254,23 @@ pub enum Ended {
     BodyTimeout,
 }
 
-/// Drives `connection` until it finishes, or until it has waited longer than `timeout` for a
-/// request head, in which case it is dropped (closing the socket).
+/// How long a connection closed gracefully (idle HTTP/2, server shutdown) gets to say GOAWAY
+/// and finish before it is dropped, at most.
+const GOODBYE: Duration = Duration::from_secs(1);
+
+/// Drives `connection` until it finishes or the watchdog closes it, and shuts it down
+/// gracefully (`shutdown`: GOAWAY for HTTP/2, no more keep-alive for HTTP/1) when `cancel`
+/// fires. A connection idle past the timeout is shut down gracefully too, so that an HTTP/2
+/// client learns that no stream was lost and that it may open a new connection. A connection
+/// shut down gracefully is dropped once it has no request in flight and has not finished by
+/// itself [`GOODBYE`] later (an HTTP/2 client that does not answer the GOAWAY's PING); an
+/// HTTP/1 one is closed by hyper after its response. A stalled write or body drops it at once.
 pub async fn watch<F, E>(
     connection: F,
     activity: Arc<Activity>,
     timeouts: Timeouts,
+    cancel: tokio_util::sync::CancellationToken,
+    mut shutdown: impl FnMut(Pin<&mut F>),
 ) -> Result<Ended, E>
 where
     F: Future<Output = Result<(), E>>,
@@ -261,13 +279,23 @@ where
     let mut timer = pin!(tokio::time::sleep(
         timeouts.idle.min(timeouts.send).min(timeouts.body)
     ));
+    let mut cancelled = pin!(cancel.cancelled_owned());
+    let goodbye = GOODBYE.min(timeouts.idle);
+    // Why the connection is being shut down gracefully, once it is: how it ends.
+    let mut closing: Option<Ended> = None;
     // The timer is polled (which registers this task to be woken) when armed, and after
     // that only once it has fired: not on every wake-up of the connection, which is what
     // `select!` would do.
     let mut registered = false;
     std::future::poll_fn(|cx| {
+        if closing.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+            closing = Some(Ended::Done);
+            shutdown(connection.as_mut());
+            timer.as_mut().reset(Instant::now() + goodbye);
+            registered = false;
+        }
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
-            return Poll::Ready(result.map(|()| Ended::Done));
+            return Poll::Ready(result.map(|()| closing.unwrap_or(Ended::Done)));
         }
         loop {
             if registered && !timer.is_elapsed() {
@@ -280,13 +308,36 @@ where
                     registered = true;
                     return Poll::Pending;
                 }
-                Poll::Ready(()) => match activity.verdict(Instant::now(), timeouts) {
-                    Verdict::Recheck(at) => {
-                        timer.as_mut().reset(at);
-                        registered = false;
+                Poll::Ready(()) => {
+                    let now = Instant::now();
+                    if let Some(why) = closing
+                        && activity.quiet()
+                    {
+                        return Poll::Ready(Ok(why));
                     }
-                    Verdict::Close(why) => return Poll::Ready(Ok(why)),
-                },
+                    match activity.verdict(now, timeouts) {
+                        Verdict::Recheck(at) => {
+                            let at = if closing.is_some() {
+                                at.min(now + goodbye)
+                            } else {
+                                at
+                            };
+                            timer.as_mut().reset(at);
+                            registered = false;
+                        }
+                        Verdict::Close(Ended::HeaderTimeout) => {
+                            closing = Some(Ended::HeaderTimeout);
+                            shutdown(connection.as_mut());
+                            timer.as_mut().reset(now + goodbye);
+                            registered = false;
+                            // The shutdown may finish the connection at once.
+                            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                                return Poll::Ready(result.map(|()| Ended::HeaderTimeout));
+                            }
+                        }
+                        Verdict::Close(why) => return Poll::Ready(Ok(why)),
+                    }
+                }
             }
         }
     })
