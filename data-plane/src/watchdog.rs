@@ -279,7 +279,10 @@ where
     let mut timer = pin!(tokio::time::sleep(
         timeouts.idle.min(timeouts.send).min(timeouts.body)
     ));
-    let mut cancelled = pin!(cancel.cancelled_owned());
+    // Polled once, which registers the task's waker with the token; afterwards a wake-up
+    // looks at the token's flag only (polling the future again would take its lock).
+    let mut cancelled = pin!(cancel.clone().cancelled_owned());
+    let mut cancel_registered = false;
     let goodbye = GOODBYE.min(timeouts.idle);
     // Why the connection is being shut down gracefully, once it is: how it ends.
     let mut closing: Option<Ended> = None;
@@ -288,7 +291,14 @@ where
     // `select!` would do.
     let mut registered = false;
     std::future::poll_fn(|cx| {
-        if closing.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+        let stop = closing.is_none()
+            && if cancel_registered {
+                cancel.is_cancelled()
+            } else {
+                cancel_registered = true;
+                cancelled.as_mut().poll(cx).is_ready()
+            };
+        if stop {
             closing = Some(Ended::Done);
             shutdown(connection.as_mut());
             timer.as_mut().reset(Instant::now() + goodbye);
