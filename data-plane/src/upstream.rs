@@ -552,7 +552,9 @@ fn parse_head(
             .map_err(|_| SendError::BadResponse(format!("header name {:?}", header.name)))?;
         fields.push((name, start, start + header.value.len()));
     }
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers) without the
+    // map growing (re-hashing every entry) on the way out.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
     let head = buf.split_to(head_len).freeze();
     for (name, start, end) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
