@@ -877,17 +877,29 @@ async fn read_until_closed(
     }
 }
 
-/// The types of the HTTP/2 frames in `bytes` (a server's side of a connection, from its
-/// start): each frame is a 9-byte header (24-bit length, type, flags, stream) and its payload.
-fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
-    let mut types = Vec::new();
+/// The HTTP/2 frames in `bytes` (a server's side of a connection, from its start) as (type,
+/// flags, payload): each frame is a 9-byte header (24-bit length, type, flags, stream) and its
+/// payload. A frame cut short at the end is left out.
+fn http2_frames(mut bytes: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    let mut frames = Vec::new();
     while bytes.len() >= 9 {
         let length =
             usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-        types.push(bytes[3]);
-        bytes = bytes.get(9 + length..).unwrap_or_default();
+        let Some(payload) = bytes.get(9..9 + length) else {
+            break;
+        };
+        frames.push((bytes[3], bytes[4], payload.to_vec()));
+        bytes = &bytes[9 + length..];
     }
-    types
+    frames
+}
+
+/// The types of the frames [`http2_frames`] finds.
+fn http2_frame_types(bytes: &[u8]) -> Vec<u8> {
+    http2_frames(bytes)
+        .iter()
+        .map(|(kind, _, _)| *kind)
+        .collect()
 }
 
 /// Reads one response with a Content-Length body from a raw connection; returns it whole.
@@ -1183,23 +1195,56 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
     assert!(answer.contains("\"body_bytes\":4000"), "{answer}");
 }
 
-/// Shutdown: the listener closes, requests in flight (HTTP/1 and HTTP/2) finish, an idle
-/// HTTP/2 connection is told GOAWAY, and the data plane stops once they are done.
+/// Shutdown: the listener closes, requests in flight (HTTP/1 and HTTP/2) finish, including
+/// ones answered seconds later and an HTTP/2 download whose client stops reading for a while
+/// after the proxy handed the last bytes to h2; an idle HTTP/2 connection is told GOAWAY and
+/// closes once its client answers the GOAWAY's PING; the data plane stops once all of that is
+/// done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
-    let s = setup(&[]).await;
-    s.add_raw_upstream().await;
-    let h2_client = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
-    // `/raw/late` answers a second after the request.
-    let in_flight = [s.client.clone(), h2_client].map(|client| {
-        let url = s.dp.url("/raw/late");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DOWNLOAD: usize = 1024 * 1024;
+    let s = setup(&[json!({"name": "all", "paths": ["/"], "upstream": "u"})]).await;
+    // Small flow-control windows: h2 sends the body only as the client reads it. Two clients:
+    // the download has a connection of its own, with no other stream in flight.
+    let h2_client = || {
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .http2_initial_stream_window_size(65_535)
+            .http2_initial_connection_window_size(65_535)
+            .build()
+            .expect("client")
+    };
+    // Answered 2.5 s after the request: well after the stop.
+    let slow = [s.client.clone(), h2_client()].map(|client| {
+        let url = s.dp.url("/slow/2500");
         tokio::spawn(async move {
             let response = client.get(url).send().await.expect("answered");
-            (response.status(), response.text().await.expect("body"))
+            (response.version(), response.status().as_u16())
         })
+    });
+    let download = tokio::spawn({
+        let url = s.dp.url(&format!("/download/{DOWNLOAD}"));
+        let client = h2_client();
+        async move {
+            let mut response = client.get(url).send().await.expect("download");
+            // Read at 300 KB/s, and stop for 1.5 s near the end, when the proxy has handed
+            // everything to h2 and nothing moves.
+            let started = std::time::Instant::now();
+            let (mut received, mut paused) = (0, false);
+            while let Some(chunk) = response.chunk().await.expect("the whole body") {
+                received += chunk.len();
+                if !paused && received >= DOWNLOAD - 32 * 1024 {
+                    paused = true;
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                }
+                let due = Duration::from_secs_f64(received as f64 / 300_000.0);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            received
+        }
     });
     let mut idle = raw_connection(
         s.dp.proxy,
@@ -1209,22 +1254,53 @@ async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let proxy = s.dp.proxy;
-    let started = std::time::Instant::now();
     let stopped = tokio::spawn(s.dp.stop());
-    let (_, sent) = read_until_closed(&mut idle, Duration::from_secs(3))
+    // The idle connection gets a GOAWAY and a PING; answered, the server closes it.
+    let mut sent = Vec::new();
+    let ping = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = idle.read(&mut buffer).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before its PING: {:?}",
+                http2_frame_types(&sent)
+            );
+            sent.extend_from_slice(&buffer[..n]);
+            let frames = http2_frames(&sent);
+            if let Some((_, _, payload)) = frames.iter().find(|(k, f, _)| *k == 6 && f & 1 == 0) {
+                return payload.clone();
+            }
+        }
+    })
+    .await
+    .expect("a PING after the GOAWAY");
+    assert!(
+        http2_frame_types(&sent).contains(&7),
+        "GOAWAY expected, frames: {:?}",
+        http2_frame_types(&sent)
+    );
+    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+    ack.extend_from_slice(&ping);
+    idle.write_all(&ack).await.expect("PING ACK");
+    read_until_closed(&mut idle, Duration::from_secs(3))
         .await
-        .expect("the idle HTTP/2 connection is closed");
-    let types = http2_frame_types(&sent);
-    assert!(types.contains(&7), "GOAWAY expected, frames: {types:?}");
-    for request in in_flight {
-        let (status, body) = request.await.expect("request task");
-        assert_eq!((status.as_u16(), body.as_str()), (200, "helloworld"));
-    }
+        .expect("closed once its client answered");
+
+    let answers = futures_util::future::join_all(slow).await;
+    let answers: Vec<_> = answers.into_iter().map(|a| a.expect("task")).collect();
+    assert_eq!(
+        answers,
+        [
+            (reqwest::Version::HTTP_11, 200),
+            (reqwest::Version::HTTP_2, 200)
+        ]
+    );
+    assert_eq!(download.await.expect("download task"), DOWNLOAD);
     tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
         .expect("stops once its requests are done")
         .expect("stop task");
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         tokio::net::TcpStream::connect(proxy).await.is_err(),
         "the listener is closed"

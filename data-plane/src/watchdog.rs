@@ -55,6 +55,8 @@ pub struct Activity {
     write_blocked_ms: AtomicU64,
     /// The same for reads of a request body waiting for the client to send.
     read_blocked_ms: AtomicU64,
+    /// Writes to the client that went through (only the connection's task writes).
+    writes: AtomicU64,
 }
 
 /// What the watchdog does when its timer fires.
@@ -76,6 +78,7 @@ impl Activity {
             http1: AtomicBool::new(false),
             write_blocked_ms: AtomicU64::new(0),
             read_blocked_ms: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -105,6 +108,9 @@ impl Activity {
     /// A write to the client went through.
     pub fn write_progress(&self) {
         unblocked(&self.write_blocked_ms);
+        // One writer (the connection's task): no read-modify-write needed.
+        self.writes
+            .store(self.writes.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     /// A read of a request body had to wait for the client to send.
@@ -132,10 +138,12 @@ impl Activity {
         }
     }
 
-    /// No request in flight on a connection that is not HTTP/1 (whose requests hyper keeps):
-    /// one shut down gracefully may be dropped.
-    fn quiet(&self) -> bool {
-        !self.http1.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0
+    /// No stream in flight, and no write since the count `writes_before` (an HTTP/2 stream
+    /// leaves `in_flight` when its body has been handed to h2, which may still hold some of it
+    /// until the client's flow-control window lets it out).
+    fn quiet(&self, writes_before: u64) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.writes.load(Ordering::Relaxed) == writes_before
     }
 
     fn verdict(&self, now: Instant, timeouts: Timeouts) -> Verdict {
@@ -260,11 +268,13 @@ const GOODBYE: Duration = Duration::from_secs(1);
 
 /// Drives `connection` until it finishes or the watchdog closes it, and shuts it down
 /// gracefully (`shutdown`: GOAWAY for HTTP/2, no more keep-alive for HTTP/1) when `cancel`
-/// fires. A connection idle past the timeout is shut down gracefully too, so that an HTTP/2
-/// client learns that no stream was lost and that it may open a new connection. A connection
-/// shut down gracefully is dropped once it has no request in flight and has not finished by
-/// itself [`GOODBYE`] later (an HTTP/2 client that does not answer the GOAWAY's PING); an
-/// HTTP/1 one is closed by hyper after its response. A stalled write or body drops it at once.
+/// fires; it then finishes its requests (the send and body timeouts still apply, and the
+/// server stops waiting after its drain time). A connection idle past the timeout (no
+/// protocol shown, or HTTP/2 with no stream open) is shut down gracefully too, so that an
+/// HTTP/2 client learns that no stream was lost and that it may open a new connection; if it
+/// has not finished by itself, it is dropped once a whole [`GOODBYE`] passed with no stream in
+/// flight and nothing written to it (a client that does not answer the GOAWAY's PING; looked
+/// at every `GOODBYE`, so after 1–2× it). A stalled write or body drops it at once.
 pub async fn watch<F, E>(
     connection: F,
     activity: Arc<Activity>,
@@ -286,6 +296,8 @@ where
     let goodbye = GOODBYE.min(timeouts.idle);
     // Why the connection is being shut down gracefully, once it is: how it ends.
     let mut closing: Option<Ended> = None;
+    // After the idle timeout's GOAWAY: the write count when the timer was last armed.
+    let mut goodbye_from: Option<u64> = None;
     // The timer is polled (which registers this task to be woken) when armed, and after
     // that only once it has fired: not on every wake-up of the connection, which is what
     // `select!` would do.
@@ -301,8 +313,6 @@ where
         if stop {
             closing = Some(Ended::Done);
             shutdown(connection.as_mut());
-            timer.as_mut().reset(Instant::now() + goodbye);
-            registered = false;
         }
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
             return Poll::Ready(result.map(|()| closing.unwrap_or(Ended::Done)));
@@ -320,14 +330,15 @@ where
                 }
                 Poll::Ready(()) => {
                     let now = Instant::now();
-                    if let Some(why) = closing
-                        && activity.quiet()
-                    {
-                        return Poll::Ready(Ok(why));
+                    if let Some(writes_before) = goodbye_from {
+                        if activity.quiet(writes_before) {
+                            return Poll::Ready(Ok(Ended::HeaderTimeout));
+                        }
+                        goodbye_from = Some(activity.writes.load(Ordering::Relaxed));
                     }
                     match activity.verdict(now, timeouts) {
                         Verdict::Recheck(at) => {
-                            let at = if closing.is_some() {
+                            let at = if goodbye_from.is_some() {
                                 at.min(now + goodbye)
                             } else {
                                 at
@@ -335,9 +346,17 @@ where
                             timer.as_mut().reset(at);
                             registered = false;
                         }
+                        Verdict::Close(Ended::HeaderTimeout) if goodbye_from.is_some() => {
+                            // Still idle after the GOAWAY, but written to lately: look again.
+                            timer.as_mut().reset(now + goodbye);
+                            registered = false;
+                        }
                         Verdict::Close(Ended::HeaderTimeout) => {
+                            if closing.is_none() {
+                                shutdown(connection.as_mut());
+                            }
                             closing = Some(Ended::HeaderTimeout);
-                            shutdown(connection.as_mut());
+                            goodbye_from = Some(activity.writes.load(Ordering::Relaxed));
                             timer.as_mut().reset(now + goodbye);
                             registered = false;
                             // The shutdown may finish the connection at once.
