@@ -1193,6 +1193,47 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
     let answer = read_response(&mut client).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"body_bytes\":4000"), "{answer}");
+
+    // HTTP/2: a stream whose body stops is answered 408 `body_timeout` (the connection, which
+    // may carry other streams, stays); one whose body keeps coming slowly is not.
+    use futures_util::StreamExt;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let chunk = || Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'z'; 1000]));
+    let stalled = futures_util::stream::iter([chunk()]).chain(futures_util::stream::pending());
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2.post(s.dp.url("/t/h2-stalled"))
+            .body(reqwest::Body::wrap_stream(stalled))
+            .send(),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("response");
+    assert_eq!(response.status(), 408);
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "cut early: {:?}",
+        started.elapsed()
+    );
+    let problem: Value = response.json().await.expect("json");
+    assert_eq!(problem["code"], "body_timeout");
+    let steady = futures_util::stream::iter(0..4).then(move |_| async move {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        chunk()
+    });
+    let response = h2
+        .post(s.dp.url("/t/h2-slow"))
+        .body(reqwest::Body::wrap_stream(steady))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.expect("json");
+    assert_eq!(echo["body_bytes"], 4000);
 }
 
 /// Shutdown: the listener closes, requests in flight (HTTP/1 and HTTP/2) finish, including

@@ -25,12 +25,27 @@ use crate::upstream::{Connections, HostConns};
 pub struct CappedBody {
     inner: hyper::body::Incoming,
     remaining: u64,
+    stall: Option<Stall>,
+}
+
+/// A body's stall timeout: the timer runs while the body waits for the client.
+struct Stall {
+    timeout: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Data came since the timer was last armed.
+    moved: bool,
 }
 
 /// The error a [`CappedBody`] fails with.
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than the route allows")]
 pub struct BodyOverLimit;
+
+/// The error a [`CappedBody`] with a stall timeout fails with when the client sends nothing
+/// for that long.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent none of its request body within the body timeout")]
+pub struct BodyStalled;
 
 /// Most of a refused request's body read and thrown away, and for how long.
 const DISCARD_MAX_BYTES: u64 = 256 * 1024;
@@ -65,7 +80,20 @@ impl CappedBody {
         Self {
             inner,
             remaining: limit.unwrap_or(u64::MAX),
+            stall: None,
         }
+    }
+
+    /// Fails the body with [`BodyStalled`] when it waits longer than `timeout` for the client
+    /// to send more (for HTTP/2 streams, whose reads the connection's watchdog cannot tell
+    /// apart). The timer is created at the first wait and moved forward, not re-created.
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall = Some(Stall {
+            timeout,
+            timer: None,
+            moved: false,
+        });
+        self
     }
 }
 
@@ -85,13 +113,39 @@ impl hyper::body::Body for CappedBody {
                     return std::task::Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
                 }
                 self.remaining -= size;
+                if let Some(stall) = &mut self.stall {
+                    stall.moved = true;
+                }
                 std::task::Poll::Ready(Some(Ok(frame)))
             }
             std::task::Poll::Ready(Some(Err(error))) => {
                 std::task::Poll::Ready(Some(Err(Box::new(error))))
             }
             std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
-            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Pending => {
+                let Some(stall) = &mut self.stall else {
+                    return std::task::Poll::Pending;
+                };
+                let deadline = tokio::time::Instant::now() + stall.timeout;
+                let timer = match &mut stall.timer {
+                    Some(timer) => {
+                        if stall.moved {
+                            timer.as_mut().reset(deadline);
+                        }
+                        timer
+                    }
+                    None => stall
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                stall.moved = false;
+                match timer.as_mut().poll(cx) {
+                    std::task::Poll::Ready(()) => {
+                        std::task::Poll::Ready(Some(Err(Box::new(BodyStalled))))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
         }
     }
 

@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("upstream timed out")]
     Timeout,
+    /// The client stopped sending its (HTTP/2) request body for longer than the body timeout.
+    #[error("the client sent none of its request body within the body timeout")]
+    BodyTimeout,
 }
 
 impl ProxyError {
@@ -61,6 +64,7 @@ impl ProxyError {
             Self::LimiterUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "limiter_unavailable"),
             Self::Unreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
         }
     }
 

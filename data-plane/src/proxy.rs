@@ -206,8 +206,16 @@ async fn proxy(
         path
     };
     let query = parts.uri.query();
-    let mut body: Option<CappedBody> =
-        has_body.then(|| CappedBody::new(body, route.max_body_bytes));
+    // HTTP/1 bodies that stall close their connection (the watchdog); an HTTP/2 stream's
+    // body is timed on its own and answered 408.
+    let mut body: Option<CappedBody> = has_body.then(|| {
+        let capped = CappedBody::new(body, route.max_body_bytes);
+        if parts.version == Version::HTTP_2 {
+            capped.with_stall_timeout(shared.body_timeout)
+        } else {
+            capped
+        }
+    });
     // The client's Host when the route preserves it and there is one (an HTTP/1.0 client may
     // send none: then the target's, as for other routes).
     let client_host = route
@@ -245,6 +253,7 @@ async fn proxy(
                     SendError::BodyOverLimit => {
                         return Err(ProxyError::BodyTooLarge(route.max_body_bytes.unwrap_or(0)));
                     }
+                    SendError::BodyTimeout => return Err(ProxyError::BodyTimeout),
                     SendError::Connect(_) => last_error = ProxyError::Unreachable,
                     SendError::Target => {
                         return Err(ProxyError::BadRequest(error.to_string()));

@@ -15,6 +15,9 @@ use crate::upstream::Connections;
 
 /// Shared state of one data plane.
 pub struct Shared {
+    /// Longest an HTTP/2 request body may wait for the client to send more (HTTP/1 bodies:
+    /// the connection's watchdog).
+    pub body_timeout: std::time::Duration,
     /// The config requests see; `None` until the first snapshot is applied.
     pub config: ArcSwapOption<Compiled>,
     /// Peers whose `X-Forwarded-*` headers are believed.
@@ -56,6 +59,7 @@ impl Shared {
     /// Fresh state with no config.
     pub fn new(trusted_proxies: Vec<Cidr>, limiter: Limiter, jwks: JwksRegistry) -> Self {
         Self {
+            body_timeout: std::time::Duration::from_secs(60),
             config: ArcSwapOption::empty(),
             trusted_proxies,
             connections: Connections::default(),

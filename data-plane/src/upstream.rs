@@ -28,7 +28,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{BodyOverLimit, CappedBody};
+use crate::config::{BodyOverLimit, BodyStalled, CappedBody};
 
 /// Pooled connections idle longer than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -165,6 +165,9 @@ pub enum SendError {
     /// The client's body went over the route's `max_body_bytes`.
     #[error("request body larger than the route allows")]
     BodyOverLimit,
+    /// The client's (HTTP/2) body waited longer than the body timeout for more.
+    #[error("the client sent none of its request body within the body timeout")]
+    BodyTimeout,
     /// The connection failed while writing or reading.
     #[error("upstream connection failed: {0}")]
     Io(#[from] io::Error),
@@ -467,6 +470,7 @@ async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
         let frame = match frame {
             Ok(frame) => frame,
             Err(error) if error.is::<BodyOverLimit>() => return Err(SendError::BodyOverLimit),
+            Err(error) if error.is::<BodyStalled>() => return Err(SendError::BodyTimeout),
             Err(error) => return Err(SendError::Body(error.to_string())),
         };
         let Ok(data) = frame.into_data() else {
