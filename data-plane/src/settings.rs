@@ -70,8 +70,8 @@ pub struct Settings {
     /// a connection and an upstream connection); longer gets the connection closed.
     #[arg(long, env = "TOLLGATE_SEND_TIMEOUT_MS", default_value_t = 60_000)]
     pub send_timeout_ms: u64,
-    /// Longest a request body may wait for the client to send more of it (HTTP/1); longer
-    /// gets the connection closed.
+    /// Longest a request body may wait for the client to send more of it; longer gets an
+    /// HTTP/1 connection closed, an HTTP/2 stream answered 408 `body_timeout`.
     #[arg(long, env = "TOLLGATE_BODY_TIMEOUT_MS", default_value_t = 60_000)]
     pub body_timeout_ms: u64,
 }

@@ -138,6 +138,11 @@ impl Activity {
         }
     }
 
+    /// Writes to the client so far.
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     /// No stream in flight, and no write since the count `writes_before` (an HTTP/2 stream
     /// leaves `in_flight` when its body has been handed to h2, which may still hold some of it
     /// until the client's flow-control window lets it out).
@@ -273,8 +278,9 @@ const GOODBYE: Duration = Duration::from_secs(1);
 /// protocol shown, or HTTP/2 with no stream open) is shut down gracefully too, so that an
 /// HTTP/2 client learns that no stream was lost and that it may open a new connection; if it
 /// has not finished by itself, it is dropped once a whole [`GOODBYE`] passed with no stream in
-/// flight and nothing written to it (a client that does not answer the GOAWAY's PING; looked
-/// at every `GOODBYE`, so after 1–2× it). A stalled write or body drops it at once.
+/// flight and nothing written to it after the GOAWAY (a client that does not answer the
+/// GOAWAY's PING), and in any case once it has no stream in flight one more idle timeout
+/// later (a client that keeps pinging instead). A stalled write or body drops it at once.
 pub async fn watch<F, E>(
     connection: F,
     activity: Arc<Activity>,
@@ -298,6 +304,9 @@ where
     let mut closing: Option<Ended> = None;
     // After the idle timeout's GOAWAY: the write count when the timer was last armed.
     let mut goodbye_from: Option<u64> = None;
+    // ... and when the connection is dropped with no stream in flight even if written to (a
+    // client that keeps pinging but never answers the GOAWAY's PING): one more idle timeout.
+    let mut goodbye_until = Instant::now();
     // The timer is polled (which registers this task to be woken) when armed, and after
     // that only once it has fired: not on every wake-up of the connection, which is what
     // `select!` would do.
@@ -331,10 +340,12 @@ where
                 Poll::Ready(()) => {
                     let now = Instant::now();
                     if let Some(writes_before) = goodbye_from {
-                        if activity.quiet(writes_before) {
+                        if activity.quiet(writes_before)
+                            || (now >= goodbye_until && activity.quiet(activity.writes()))
+                        {
                             return Poll::Ready(Ok(Ended::HeaderTimeout));
                         }
-                        goodbye_from = Some(activity.writes.load(Ordering::Relaxed));
+                        goodbye_from = Some(activity.writes());
                     }
                     match activity.verdict(now, timeouts) {
                         Verdict::Recheck(at) => {
@@ -356,13 +367,15 @@ where
                                 shutdown(connection.as_mut());
                             }
                             closing = Some(Ended::HeaderTimeout);
-                            goodbye_from = Some(activity.writes.load(Ordering::Relaxed));
+                            goodbye_until = now + timeouts.idle;
                             timer.as_mut().reset(now + goodbye);
                             registered = false;
-                            // The shutdown may finish the connection at once.
+                            // The shutdown may finish the connection at once; polling it also
+                            // writes the GOAWAY, which the write count starts after.
                             if let Poll::Ready(result) = connection.as_mut().poll(cx) {
                                 return Poll::Ready(result.map(|()| Ended::HeaderTimeout));
                             }
+                            goodbye_from = Some(activity.writes());
                         }
                         Verdict::Close(why) => return Poll::Ready(Ok(why)),
                     }
