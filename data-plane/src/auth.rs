@@ -136,8 +136,12 @@ impl KeyIndex {
         {
             return None;
         }
-        key.last_used_ms
-            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
+        // Written at most once a second (last use is reported in seconds): a hot key's
+        // cache line is not bounced between worker threads on every request.
+        let last = &key.last_used_ms;
+        if now_ms - last.load(std::sync::atomic::Ordering::Relaxed) >= 1_000 {
+            last.store(now_ms, std::sync::atomic::Ordering::Relaxed);
+        }
         Some(&key.consumer)
     }
 
