@@ -962,6 +962,15 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
         closed >= TIMEOUT - Duration::from_millis(50),
         "cut early: {closed:?}"
     );
+    // The status listener too.
+    let mut slow = raw_connection(s.dp.status, b"GET /healthz HTTP/1.1\r\nHost: a\r\n").await;
+    let closed = closed_within(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("a status head that never completes is cut");
+    assert!(
+        closed >= TIMEOUT - Duration::from_millis(50),
+        "cut early: {closed:?}"
+    );
     // A connection that never sends anything is cut too.
     let mut silent = TcpStream::connect(s.dp.proxy).await.expect("connect");
     assert!(

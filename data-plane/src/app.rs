@@ -185,7 +185,12 @@ impl DataPlane {
                 self.limits,
                 cancel.clone()
             ),
-            crate::server::serve_status(self.status, self.shared.clone(), cancel.clone()),
+            crate::server::serve_status(
+                self.status,
+                self.shared.clone(),
+                self.limits.header_timeout,
+                cancel.clone()
+            ),
         );
         cancel.cancel();
         let _ = sync.await;

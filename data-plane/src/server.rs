@@ -122,7 +122,13 @@ pub async fn serve_proxy(
 }
 
 /// Serves `/healthz` (alive), `/readyz` (a config is loaded) and `/metrics` (Prometheus).
-pub async fn serve_status(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+/// Heads and idle keep-alive connections are timed like the proxy's (`header_timeout`).
+pub async fn serve_status(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    header_timeout: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -134,6 +140,8 @@ pub async fn serve_status(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
