@@ -91,6 +91,18 @@ impl Setup {
     }
 }
 
+/// A client speaking HTTP/2 without upgrade (prior knowledge); with `window`, its stream and
+/// connection flow-control windows are that small, so a server sends only as it reads.
+fn h2_client(window: Option<u32>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().http2_prior_knowledge();
+    if let Some(window) = window {
+        builder = builder
+            .http2_initial_stream_window_size(window)
+            .http2_initial_connection_window_size(window);
+    }
+    builder.build().expect("client")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_never_reach_the_upstream() {
     let s = setup(&[json!({"name": "public", "paths": ["/public"], "upstream": "u"})]).await;
@@ -426,10 +438,7 @@ async fn without_config_the_node_is_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_cleartext_is_served() {
     let s = setup(&[json!({"name": "h2", "paths": ["/h2"], "upstream": "u"})]).await;
-    let client = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
+    let client = h2_client(None);
     let response = client
         .get(s.dp.url("/h2/x"))
         .send()
@@ -1028,11 +1037,7 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
         assert_eq!(types.contains(&7), goaway, "frames sent: {types:?}");
     }
     // An HTTP/2 stream in flight longer than the timeout is not cut.
-    let h2_client = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
-    let response = h2_client
+    let response = h2_client(None)
         .get(s.dp.url("/raw/drip"))
         .send()
         .await
@@ -1068,13 +1073,7 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
     }
     // The cut connections did not go back to the pool: a request after them opens a new one.
     let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
-    let response = s
-        .client
-        .get(s.dp.url("/raw/keep"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(response.status(), 200);
+    assert_eq!(s.get("/raw/keep", &[]).await.0, 200);
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         before + 1
@@ -1111,13 +1110,7 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
     );
 
     // Those connections were kept: no new one was opened for them or for the next request.
-    let response = s
-        .client
-        .get(s.dp.url("/raw/keep"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(response.status(), 200);
+    assert_eq!(s.get("/raw/keep", &[]).await.0, 200);
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         kept_before
@@ -1206,10 +1199,7 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
     // HTTP/2: a stream whose body stops is answered 408 `body_timeout` (the connection, which
     // may carry other streams, stays); one whose body keeps coming slowly is not.
     use futures_util::StreamExt;
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
+    let h2 = h2_client(None);
     let chunk = || Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'z'; 1000]));
     let stalled = futures_util::stream::iter([chunk()]).chain(futures_util::stream::pending());
     let started = std::time::Instant::now();
@@ -1257,16 +1247,8 @@ async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
     let s = setup(&[json!({"name": "all", "paths": ["/"], "upstream": "u"})]).await;
     // Small flow-control windows: h2 sends the body only as the client reads it. Two clients:
     // the download has a connection of its own, with no other stream in flight.
-    let h2_client = || {
-        reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .http2_initial_stream_window_size(65_535)
-            .http2_initial_connection_window_size(65_535)
-            .build()
-            .expect("client")
-    };
     // Answered 2.5 s after the request: well after the stop.
-    let slow = [s.client.clone(), h2_client()].map(|client| {
+    let slow = [s.client.clone(), h2_client(Some(65_535))].map(|client| {
         let url = s.dp.url("/slow/2500");
         tokio::spawn(async move {
             let response = client.get(url).send().await.expect("answered");
@@ -1275,7 +1257,7 @@ async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
     });
     let download = tokio::spawn({
         let url = s.dp.url(&format!("/download/{DOWNLOAD}"));
-        let client = h2_client();
+        let client = h2_client(Some(65_535));
         async move {
             let mut response = client.get(url).send().await.expect("download");
             // Read at 300 KB/s, and stop for 1.5 s near the end, when the proxy has handed

@@ -49,9 +49,12 @@ impl DataPlane {
             crate::jwt::jwks_client(settings.jwks_ca_file.as_deref())
                 .context("TOLLGATE_JWKS_CA_FILE")?,
         );
-        let mut shared = Shared::new(settings.trusted_proxies.clone(), limiter, jwks);
-        shared.body_timeout = Duration::from_millis(settings.body_timeout_ms);
-        let shared = Arc::new(shared);
+        let shared = Arc::new(Shared::new(
+            settings.trusted_proxies.clone(),
+            limiter,
+            jwks,
+            Duration::from_millis(settings.body_timeout_ms),
+        ));
         match crate::persist::load_snapshot(&settings.data_dir) {
             Ok(Some(snapshot)) => match crate::sync::apply(&shared, snapshot, None).await {
                 Ok((revision, _)) => tracing::info!(

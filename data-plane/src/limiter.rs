@@ -577,6 +577,14 @@ mod tests {
             .expect("the machine's Redis on 127.0.0.1:6379")
     }
 
+    /// Deletes a test's keys from the machine's Redis.
+    async fn delete_keys(keys: &[String]) {
+        let _: Result<i64, _> = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut machine_redis().await)
+            .await;
+    }
+
     fn check(key: &str, limit: u64, span: Span) -> Check {
         Check {
             key: key.into(),
@@ -713,11 +721,8 @@ mod tests {
                 (true, 8)
             ]
         );
-        let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(&limits::window_keys(&format!("{prefix}:w2"))[..])
-            .arg(format!("{prefix}:q"))
-            .query_async(&mut machine_redis().await)
-            .await;
+        let [times, counts] = limits::window_keys(&format!("{prefix}:w2"));
+        delete_keys(&[times, counts, format!("{prefix}:q")]).await;
 
         // Quota and window together: all or nothing, in one batch.
         let both = vec![window.clone(), quota.clone()];
@@ -735,12 +740,8 @@ mod tests {
             Decision::Admitted(usages) => assert_eq!(usages[0].count, 4),
             other => panic!("expected an admission: {other:?}"),
         }
-        let mut connection = machine_redis().await;
-        let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(&limits::window_keys(&format!("{prefix}:w"))[..])
-            .arg(format!("{prefix}:q"))
-            .query_async(&mut connection)
-            .await;
+        let [times, counts] = limits::window_keys(&format!("{prefix}:w"));
+        delete_keys(&[times, counts, format!("{prefix}:q")]).await;
     }
 
     /// Admissions are counted per millisecond: thousands of distinct milliseconds leave the
@@ -813,11 +814,7 @@ mod tests {
             .await
             .expect("exists");
         assert_eq!(exists, 0, "the earlier layout's key is never written");
-        let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(&times_key)
-            .arg(&counts_key)
-            .query_async(&mut connection)
-            .await;
+        delete_keys(&[times_key, counts_key]).await;
     }
 
     /// Pruning is bounded per call (8000 milliseconds): what is left still counts (fewer
@@ -874,11 +871,7 @@ mod tests {
             .await
             .expect("stored");
         assert_eq!(stored, (1, 2), "one millisecond, its count and the total");
-        let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(&times_key)
-            .arg(&counts_key)
-            .query_async(&mut connection)
-            .await;
+        delete_keys(&[times_key, counts_key]).await;
     }
 
     #[test]

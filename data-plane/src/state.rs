@@ -57,9 +57,14 @@ impl Clock {
 
 impl Shared {
     /// Fresh state with no config.
-    pub fn new(trusted_proxies: Vec<Cidr>, limiter: Limiter, jwks: JwksRegistry) -> Self {
+    pub fn new(
+        trusted_proxies: Vec<Cidr>,
+        limiter: Limiter,
+        jwks: JwksRegistry,
+        body_timeout: std::time::Duration,
+    ) -> Self {
         Self {
-            body_timeout: std::time::Duration::from_secs(60),
+            body_timeout,
             config: ArcSwapOption::empty(),
             trusted_proxies,
             connections: Connections::default(),
