@@ -260,7 +260,9 @@ impl RouteAuth {
             && let Some(token) = bearer.filter(|b| looks_like_jwt(b))
         {
             strip.push(AUTHORIZATION);
-            identity = Some(self.verify_jwt(token, now_ms).await?);
+            // On the heap: a JWKS fetch makes this future large, and the API-key path, which
+            // never awaits, should not carry (and move) its size.
+            identity = Some(Box::pin(self.verify_jwt(token, now_ms)).await?);
         }
         let mut identity = identity.ok_or(ProxyError::Unauthorized("missing credential"))?;
         identity.strip = strip;

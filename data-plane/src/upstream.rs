@@ -202,29 +202,29 @@ pub async fn send(
     host: &Arc<HostConns>,
     connect_timeout: Duration,
     head: &RequestHead<'_>,
-    body: Option<CappedBody>,
+    mut body: Option<CappedBody>,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     // A body of unknown length goes chunked.
     let chunked = body.is_some() && !head.headers.contains_key(CONTENT_LENGTH);
     let encoded = encode_head(head, chunked)?;
-    if body.is_none()
-        && head.method.is_idempotent()
-        && let Some(stream) = host.checkout()
-    {
-        // A pooled connection the upstream closed at the same moment, before any byte of an
-        // answer: an idempotent request goes once more, on a new connection (as nginx does).
-        // Anything else gets a fresh connection from the start, never a replay.
-        match exchange(host, stream, &encoded, None, false, head.method).await {
-            Err(SendError::Stale) => {}
+    // A pooled connection first. If the upstream closed it at the same moment, before any
+    // byte of an answer, a bodyless idempotent request goes once more, on a new connection (as
+    // nginx does); anything else is never replayed. (One call site of `exchange`, so that its
+    // future is held once.)
+    let replayable = body.is_none() && head.method.is_idempotent();
+    let mut pooled = host.checkout();
+    loop {
+        let reused = pooled.is_some();
+        let stream = match pooled.take() {
+            Some(stream) => stream,
+            // On the heap: dialing is rare next to pooled reuse, and its future is large.
+            None => Box::pin(host.dial(connect_timeout)).await?,
+        };
+        match exchange(host, stream, &encoded, body.take(), chunked, head.method).await {
+            Err(SendError::Stale) if replayable && reused => {}
             other => return other,
         }
     }
-    let reuse = body.is_some() || !head.method.is_idempotent();
-    let stream = match reuse.then(|| host.checkout()).flatten() {
-        Some(stream) => stream,
-        None => host.dial(connect_timeout).await?,
-    };
-    exchange(host, stream, &encoded, body, chunked, head.method).await
 }
 
 async fn exchange(
@@ -237,41 +237,20 @@ async fn exchange(
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     stream.write_all(head).await.map_err(stale_if_reset)?;
     let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
-    // An answer that came while the body was streaming, and whether the body went whole.
-    let mut early: Option<(Answer, bool)> = None;
-    if let Some(mut body) = body {
-        match send_body_watching(&mut stream, &mut body, chunked, &mut buf, method).await {
-            Ok(BodyOutcome::Sent) => {}
-            Ok(BodyOutcome::Answered { answer, whole }) => {
-                if !whole {
-                    // The upstream sees the end of our side instead of waiting for bytes that
-                    // will not come; the client finishes sending so that it can read the
-                    // answer.
-                    let _ = stream.shutdown().await;
-                    body.discard_rest().await;
-                }
-                early = Some((answer, whole));
-            }
-            Err(SendError::BodyOverLimit) => {
-                // The client gets a 413: let it finish sending so that it can read it.
-                body.discard_rest().await;
-                return Err(SendError::BodyOverLimit);
-            }
-            Err(SendError::Io(error)) => {
-                // The upstream may have answered and closed before reading everything: an
-                // answer already received is still the answer.
-                let answer = read_answer(&mut stream, &mut buf, method)
-                    .await
-                    .map_err(|_| SendError::Io(error))?;
-                body.discard_rest().await;
-                early = Some((answer, false));
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    let ((parts, framing, reusable), sent_whole) = match early {
-        Some(early) => early,
+    let ((parts, framing, reusable), sent_whole) = match body {
         None => (read_answer(&mut stream, &mut buf, method).await?, true),
+        // On the heap: streaming a body makes a large future, which a bodyless request should
+        // not carry (and move) along.
+        Some(body) => {
+            Box::pin(send_body_then_answer(
+                &mut stream,
+                body,
+                chunked,
+                &mut buf,
+                method,
+            ))
+            .await?
+        }
     };
     let mut body = UpstreamResponseBody {
         conn: Some((stream, host.clone())),
@@ -281,6 +260,44 @@ async fn exchange(
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
+}
+
+/// Streams the request body, then reads the final answer unless one came while it streamed;
+/// with whether the body went whole.
+async fn send_body_then_answer(
+    stream: &mut TcpStream,
+    mut body: CappedBody,
+    chunked: bool,
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<(Answer, bool), SendError> {
+    match send_body_watching(stream, &mut body, chunked, buf, method).await {
+        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method).await?, true)),
+        Ok(BodyOutcome::Answered { answer, whole }) => {
+            if !whole {
+                // The upstream sees the end of our side instead of waiting for bytes that
+                // will not come; the client finishes sending so that it can read the answer.
+                let _ = stream.shutdown().await;
+                body.discard_rest().await;
+            }
+            Ok((answer, whole))
+        }
+        Err(SendError::BodyOverLimit) => {
+            // The client gets a 413: let it finish sending so that it can read it.
+            body.discard_rest().await;
+            Err(SendError::BodyOverLimit)
+        }
+        Err(SendError::Io(error)) => {
+            // The upstream may have answered and closed before reading everything: an answer
+            // already received is still the answer.
+            let answer = read_answer(stream, buf, method)
+                .await
+                .map_err(|_| SendError::Io(error))?;
+            body.discard_rest().await;
+            Ok((answer, false))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// A final response head with its framing and whether the connection may be reused.
