@@ -716,6 +716,11 @@ async fn raw_upstream() -> (
                         }
                         continue;
                     }
+                    if path == "/raw/hold" {
+                        // Reads the head, then neither reads nor answers for a minute.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
                     if path == "/raw/drop" {
                         // Reads the request, then closes without a word.
                         drops.fetch_add(1, Ordering::SeqCst);
@@ -1233,6 +1238,47 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
     assert_eq!(response.status(), 200);
     let echo: Value = response.json().await.expect("json");
     assert_eq!(echo["body_bytes"], 4000);
+}
+
+/// HTTP/2 flow control: a stream whose upstream stops reading its body holds only its own
+/// window, not the connection's: another stream's upload on the same connection goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upload_stuck_at_its_upstream_does_not_stall_the_connections_other_streams() {
+    use futures_util::StreamExt;
+    let s = setup_configured(
+        &[json!({"name": "t", "paths": ["/t"], "upstream": "u"})],
+        |settings| settings.body_timeout_ms = 3000,
+    )
+    .await;
+    s.add_raw_upstream().await;
+    let h2 = h2_client(None);
+    // 64 MiB offered to an upstream that reads none of it: the kernel's socket buffers take
+    // some megabytes, then the stream's window fills and stays full.
+    let chunk = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
+    let endless =
+        futures_util::stream::iter(0..1024).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+    let stuck = tokio::spawn({
+        let request = h2
+            .post(s.dp.url("/raw/hold"))
+            .body(reqwest::Body::wrap_stream(endless));
+        async move { request.send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!stuck.is_finished(), "the held upload was answered");
+    // Another upload on the same connection: 1 MiB, more than the stuck stream's window.
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2.post(s.dp.url("/t/beside"))
+            .body(vec![b'b'; 1024 * 1024])
+            .send(),
+    )
+    .await
+    .expect("answered within 10 s")
+    .expect("response");
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.expect("json");
+    assert_eq!(echo["body_bytes"], 1024 * 1024);
+    stuck.abort();
 }
 
 /// Shutdown: the listener closes, requests in flight (HTTP/1 and HTTP/2) finish, including

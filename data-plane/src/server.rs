@@ -21,6 +21,16 @@ use crate::watchdog::{Activity, Ended, Timeouts, watch};
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
+/// HTTP/2 flow control: how much of one stream's body, and of all the connection's bodies
+/// together, a client may send ahead of what the proxy has forwarded. Received data counts
+/// against both windows until it is forwarded, so a stream whose upstream stops reading holds
+/// its whole stream window of the connection's. With equal windows (hyper's default, 1 MiB
+/// each) one such stream stalls every other stream's body on the connection, until the body
+/// timeout answers them 408. Here it takes an eighth: seven can stall before the others wait.
+/// The connection window is also what one connection can make the proxy buffer.
+const H2_STREAM_WINDOW: u32 = 512 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
+
 /// Per-connection limits of the proxy listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -52,7 +62,11 @@ pub async fn serve_proxy(
         .max_buf_size(limits.max_header_bytes)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
     // Every connection task holds a clone; shutdown waits for them to be dropped.
     let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
