@@ -1265,7 +1265,8 @@ async fn an_http2_upload_stuck_at_its_upstream_does_not_stall_the_connections_ot
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!stuck.is_finished(), "the held upload was answered");
-    // Another upload on the same connection: 1 MiB, more than the stuck stream's window.
+    // Another upload on the same connection, of 1 MiB: with equal 1 MiB windows the stuck
+    // stream held all of the connection's, and this one waited into a 408.
     let response = tokio::time::timeout(
         Duration::from_secs(10),
         h2.post(s.dp.url("/t/beside"))

@@ -22,12 +22,13 @@ use crate::watchdog::{Activity, Ended, Timeouts, watch};
 const DRAIN: Duration = Duration::from_secs(10);
 
 /// HTTP/2 flow control: how much of one stream's body, and of all the connection's bodies
-/// together, a client may send ahead of what the proxy has forwarded. Received data counts
-/// against both windows until it is forwarded, so a stream whose upstream stops reading holds
-/// its whole stream window of the connection's. With equal windows (hyper's default, 1 MiB
-/// each) one such stream stalls every other stream's body on the connection, until the body
-/// timeout answers them 408. Here it takes an eighth: seven can stall before the others wait.
-/// The connection window is also what one connection can make the proxy buffer.
+/// together, a client may send ahead of what the proxy has read. Received data counts against
+/// both windows until the proxy reads it, so a stream whose upstream stops reading holds its
+/// whole stream window of the connection's. With equal windows (hyper's default, 1 MiB each)
+/// one such stream stalls every other stream's body on the connection, until the body timeout
+/// answers them 408. Here it takes an eighth: seven can stall before the others wait. The
+/// cost: one upload moves at most 512 KiB per round trip (1 MiB before), and a connection's
+/// request bodies can make the proxy buffer up to 4 MiB (1 MiB before).
 const H2_STREAM_WINDOW: u32 = 512 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
 
