@@ -6,6 +6,9 @@
 #
 #   direct               wrk -> upstream nginx                          127.0.0.1:18080/
 #   nginx                wrk -> nginx reverse proxy -> upstream nginx   127.0.0.1:18081/
+#   nginx-fwd            wrk -> the same nginx, a server block that also sends what Tollgate
+#                        adds to each request (X-Forwarded-For/-Proto/-Host, X-Request-Id)
+#                        -> upstream nginx                              127.0.0.1:18083/
 #   tollgate             wrk -> Tollgate data plane -> upstream nginx   127.0.0.1:18090/
 #   tollgate-auth-limit  wrk -> Tollgate data plane (API-key auth + Redis rate limit; every
 #                        request decided by the limiter script, batched: the requests queued
@@ -15,6 +18,11 @@
 #   upstream  nginx, 1 worker, `return 200 "ok"`, keepalive_requests 1000000
 #   nginx     1 worker, keepalive_requests 1000000, upstream pool `keepalive 64`,
 #             proxy_http_version 1.1, Connection ""
+#   nginx-fwd the same worker, plus proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for,
+#             X-Forwarded-Proto $scheme, X-Forwarded-Host $host, X-Request-Id $request_id: the
+#             same work as Tollgate's plain route (the targets of the issues compare with
+#             `nginx`; this one shows how much of the gap is those headers, at the proxy and at
+#             the upstream, which parses them on the same core)
 #   tollgate  `tollgate data-plane` with TOLLGATE_WORKER_THREADS=1, configured by a
 #             `tollgate control-plane` (embedded SQLite, admin 18091, cluster 18095,
 #             data-plane status 18092) with one upstream and one route `/`.
@@ -47,7 +55,7 @@
 # Usage:  bench/run.sh                      (as root on Debian: installs nginx, wrk and, for
 #                                            tollgate-auth-limit, redis-server if missing)
 # Knobs (environment variables):
-#   TARGETS="direct nginx tollgate tollgate-auth-limit"   targets measured, in this order
+#   TARGETS="direct nginx nginx-fwd tollgate tollgate-auth-limit"   targets measured, in order
 #   ROUNDS=3        rounds (each round runs every target once)
 #   DUR=10          seconds per wrk run
 #   CONNS=50        wrk connections
@@ -62,7 +70,7 @@
 #   PORT_OFFSET=0   added to every port below (0-999), when another instance holds them
 #   REDIS_TIMEOUT_MS=100  the data plane's Redis timeout for tollgate-auth-limit
 #
-# Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18090 18091 18092 18095,
+# Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18083 18090 18091 18092 18095,
 # and 18379 (redis-server) with tollgate-auth-limit (all must be free; the script refuses to start
 # otherwise). Everything it starts is stopped by PID at exit.
 set -euo pipefail
@@ -80,19 +88,20 @@ PORT_OFFSET=${PORT_OFFSET:-0}
   { echo "error: PORT_OFFSET must be a number from 0 to 999" >&2; exit 1; }
 UPSTREAM_PORT=$((18080 + PORT_OFFSET))
 NGINX_PORT=$((18081 + PORT_OFFSET))
+NGINX_FWD_PORT=$((18083 + PORT_OFFSET))
 TG_PROXY_PORT=$((18090 + PORT_OFFSET))
 TG_ADMIN_PORT=$((18091 + PORT_OFFSET))
 TG_STATUS_PORT=$((18092 + PORT_OFFSET))
 TG_CLUSTER_PORT=$((18095 + PORT_OFFSET))
 REDIS_PORT=$((18379 + PORT_OFFSET)) # never the machine's Redis (6379)
-read -r -a TARGETS <<<"${TARGETS:-direct nginx tollgate tollgate-auth-limit}"
+read -r -a TARGETS <<<"${TARGETS:-direct nginx nginx-fwd tollgate tollgate-auth-limit}"
 ((${#TARGETS[@]} > 0)) || { echo 'error: TARGETS is empty' >&2; exit 1; }
 WITH_REDIS=""
 for t in "${TARGETS[@]}"; do
   case $t in
-    direct | nginx | tollgate) ;;
+    direct | nginx | nginx-fwd | tollgate) ;;
     tollgate-auth-limit) WITH_REDIS=1 ;;
-    *) printf 'error: unknown target %s (known: direct nginx tollgate tollgate-auth-limit)\n' "$t" >&2; exit 1 ;;
+    *) printf 'error: unknown target %s (known: direct nginx nginx-fwd tollgate tollgate-auth-limit)\n' "$t" >&2; exit 1 ;;
   esac
 done
 
@@ -134,7 +143,7 @@ fi
 
 # ------------------------------------------------------------------------------------ dirs, ports
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$UPSTREAM_PORT" "$NGINX_PORT" "$TG_PROXY_PORT" "$TG_ADMIN_PORT" "$TG_STATUS_PORT" \
+for port in "$UPSTREAM_PORT" "$NGINX_PORT" "$NGINX_FWD_PORT" "$TG_PROXY_PORT" "$TG_ADMIN_PORT" "$TG_STATUS_PORT" \
   "$TG_CLUSTER_PORT" ${WITH_REDIS:+"$REDIS_PORT"}; do
   if port_busy "$port"; then die "127.0.0.1:$port is already in use (a previous run still alive?)"; fi
 done
@@ -252,6 +261,18 @@ http {
             proxy_set_header Connection "";
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_FWD_PORT backlog=4096;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Request-Id \$request_id;
+        }
+    }
 }
 EOF
 for c in upstream-nginx proxy-nginx; do
@@ -265,6 +286,7 @@ start upstream nginx -p "$STATE" -c "$CONF/upstream-nginx.conf"
 start nginx nginx -p "$STATE" -c "$CONF/proxy-nginx.conf"
 wait_for "upstream nginx" 10 answers_ok "http://127.0.0.1:$UPSTREAM_PORT/"
 wait_for "nginx proxy" 10 answers_ok "http://127.0.0.1:$NGINX_PORT/"
+wait_for "nginx proxy (forwarding headers)" 10 answers_ok "http://127.0.0.1:$NGINX_FWD_PORT/"
 
 if [[ -n "$WITH_REDIS" ]]; then
   mkdir -p "$STATE/redis"
@@ -352,12 +374,14 @@ degraded() {
 declare -A URL=(
   [direct]="http://127.0.0.1:$UPSTREAM_PORT/"
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
+  [nginx-fwd]="http://127.0.0.1:$NGINX_FWD_PORT/"
   [tollgate]="http://127.0.0.1:$TG_PROXY_PORT/"
   [tollgate-auth-limit]="http://127.0.0.1:$TG_PROXY_PORT/limited"
 )
-declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [tollgate]="${PID[tollgate]}"
+declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [nginx-fwd]="${PID[nginx]}"
+  [tollgate]="${PID[tollgate]}"
   [tollgate-auth-limit]="${PID[tollgate]}")
-declare -A WRK_HEADER=([direct]="" [nginx]="" [tollgate]="" [tollgate-auth-limit]="")
+declare -A WRK_HEADER=([direct]="" [nginx]="" [nginx-fwd]="" [tollgate]="" [tollgate-auth-limit]="")
 
 if [[ -n "$WITH_REDIS" ]]; then
   WRK_HEADER[tollgate-auth-limit]="X-API-Key: $API_KEY"
@@ -494,10 +518,11 @@ median_of() { # TARGET COLUMN (of runs.txt)
       if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
-# TARGET COLUMN: the ratio TARGET/nginx of COLUMN within each round (both ran minutes apart at
-# most, so slow drift of a shared machine cancels out), as "median (min-max)".
+# TARGET COLUMN [BASE]: the ratio TARGET/BASE (nginx by default) of COLUMN within each round
+# (both ran minutes apart at most, so slow drift of a shared machine cancels out), as
+# "median (min-max)".
 paired() {
-  awk -v t="$1" -v c="$2" 'NR > 1 && $2 == "nginx" && $c + 0 > 0 {base[$1] = $c}
+  awk -v t="$1" -v c="$2" -v b="${3:-nginx}" 'NR > 1 && $2 == b && $c + 0 > 0 {base[$1] = $c}
     NR > 1 && $2 == t {value[$1] = $c}
     END {for (r in value) if (r in base) print value[r] / base[r]}' "$RUNS" |
     sort -g | awk '{v[NR] = $1} END {
@@ -512,7 +537,7 @@ fmt() { # PRINTF-FORMAT VALUE: VALUE formatted, or as is when it is not a number
 sum() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-") print "-"; else print a + b }'; }
 
 declare -A MED_RPS MED_CPU MED_RCPU
-for t in direct nginx tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]=- MED_RCPU[$t]=-; done
+for t in direct nginx nginx-fwd tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]=- MED_RCPU[$t]=-; done
 {
   echo
   echo "medians of $ROUNDS x ${DUR}s runs (wrk -t1 -c$CONNS; servers on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU)"
@@ -533,6 +558,10 @@ for t in direct nginx tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]
     printf '%-52s %s\n' "$t/nginx rps, paired per round:" "$(paired "$t" 3)"
     printf '%-52s %s\n' "$t/nginx CPU-us/req, paired per round:" "$(paired "$t" 6)"
   done
+  if [[ " ${TARGETS[*]} " == *" tollgate "* && " ${TARGETS[*]} " == *" nginx-fwd "* ]]; then
+    printf '%-52s %s\n' "tollgate/nginx-fwd rps, paired per round:" "$(paired tollgate 3 nginx-fwd)"
+    printf '%-52s %s\n' "tollgate/nginx-fwd CPU-us/req, paired per round:" "$(paired tollgate 6 nginx-fwd)"
+  fi
   if [[ -n "$WITH_REDIS" ]]; then
     echo "tollgate-auth-limit/nginx rps:                       $(ratio "${MED_RPS[tollgate-auth-limit]}" "${MED_RPS[nginx]}")"
     echo "tollgate-auth-limit/nginx CPU-us/req (proxy):        $(ratio "${MED_CPU[tollgate-auth-limit]}" "${MED_CPU[nginx]}")"
