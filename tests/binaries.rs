@@ -229,14 +229,11 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     let (_, baseline) = memory_kib(pid);
 
     // Upload: generated 64 KiB at a time, never held whole by anyone.
-    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
-    let chunks = (SIZE / chunk.len() as u64) as usize;
-    let body = futures_util::stream::iter(
-        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-    );
+    const CHUNK: usize = 64 * 1024;
+    let body = common::streamed_body(b'u', CHUNK, (SIZE / CHUNK as u64) as usize);
     let response = client
         .post(format!("{base}/upload"))
-        .body(reqwest::Body::wrap_stream(body))
+        .body(body)
         .send()
         .await
         .expect("upload");

@@ -451,12 +451,9 @@ async fn http2_cleartext_is_served() {
     assert_eq!(seen.headers["x-forwarded-host"], s.dp.proxy.to_string());
 
     // An HTTP/2 body without Content-Length (DATA frames only) reaches the upstream whole.
-    let chunks = futures_util::stream::iter(
-        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'z'; 1000]))),
-    );
     let response = client
         .post(s.dp.url("/h2/upload"))
-        .body(reqwest::Body::wrap_stream(chunks))
+        .body(common::streamed_body(b'z', 1000, 4))
         .send()
         .await
         .expect("h2 upload");
@@ -552,12 +549,7 @@ async fn body_limits_hold_with_and_without_content_length() {
         json!({"name": "capped", "paths": ["/capped"], "upstream": "u", "max_body_bytes": 1000}),
     ])
     .await;
-    let chunked = |chunks: usize| {
-        let stream = futures_util::stream::iter(
-            (0..chunks).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'c'; 400]))),
-        );
-        reqwest::Body::wrap_stream(stream)
-    };
+    let chunked = |chunks: usize| common::streamed_body(b'c', 400, chunks);
     let post = |body: reqwest::Body| {
         let request = s.client.post(s.dp.url("/capped")).body(body);
         async move {
@@ -1244,7 +1236,6 @@ async fn clients_that_stall_a_request_body_are_cut_after_the_body_timeout() {
 /// window, not the connection's: another stream's upload on the same connection goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_upload_stuck_at_its_upstream_does_not_stall_the_connections_other_streams() {
-    use futures_util::StreamExt;
     let s = setup_configured(
         &[json!({"name": "t", "paths": ["/t"], "upstream": "u"})],
         |settings| settings.body_timeout_ms = 3000,
@@ -1254,13 +1245,9 @@ async fn an_http2_upload_stuck_at_its_upstream_does_not_stall_the_connections_ot
     let h2 = h2_client(None);
     // 64 MiB offered to an upstream that reads none of it: the kernel's socket buffers take
     // some megabytes, then the stream's window fills and stays full.
-    let chunk = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
-    let endless =
-        futures_util::stream::iter(0..1024).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+    let endless = common::streamed_body(b'a', 64 * 1024, 1024);
     let stuck = tokio::spawn({
-        let request = h2
-            .post(s.dp.url("/raw/hold"))
-            .body(reqwest::Body::wrap_stream(endless));
+        let request = h2.post(s.dp.url("/raw/hold")).body(endless);
         async move { request.send().await }
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;

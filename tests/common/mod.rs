@@ -510,6 +510,16 @@ impl Drop for TestUpstream {
     }
 }
 
+/// A request body streamed as `chunks` chunks of `len` copies of `byte` (no Content-Length:
+/// HTTP/1 sends it chunked, HTTP/2 as DATA frames); never held whole.
+pub fn streamed_body(byte: u8, len: usize, chunks: usize) -> reqwest::Body {
+    let chunk = bytes::Bytes::from(vec![byte; len]);
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    reqwest::Body::wrap_stream(stream)
+}
+
 /// A body of `n` bytes produced 64 KiB at a time, never held in memory whole.
 pub fn download_body(
     n: u64,
