@@ -24,6 +24,8 @@ pub struct ConsumerRt {
     pub username_header: HeaderValue,
     /// Tags.
     pub tags: Vec<String>,
+    /// `c:<id>`: the scope of a route limit counted per consumer (built once, not per request).
+    pub limit_scope: String,
     /// The consumer's plan, compiled.
     pub plan: Option<Arc<PlanRt>>,
 }
@@ -74,6 +76,7 @@ impl ConsumerRt {
             id_header: header(&consumer.id)?,
             username_header: header(&consumer.spec.username)?,
             tags: consumer.spec.tags.clone(),
+            limit_scope: format!("c:{}", consumer.id),
             plan: consumer
                 .spec
                 .plan

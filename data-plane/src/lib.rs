@@ -15,6 +15,7 @@
 //! - [`limiter`]: rate limits and quotas (Redis script or memory) and failure policies.
 //! - [`error`]: the one mapping from proxy errors to JSON answers.
 //! - [`persist`]: the last good snapshot and the node id on disk.
+//! - [`values`]: per-request header values without an allocation each.
 
 pub mod app;
 pub mod auth;
@@ -32,6 +33,7 @@ pub mod settings;
 pub mod state;
 pub mod sync;
 pub mod upstream;
+pub mod values;
 pub mod watchdog;
 
 pub use app::DataPlane;

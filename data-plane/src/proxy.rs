@@ -9,6 +9,7 @@
 //! A request loads the snapshot once; every phase sees that same version. Bodies stream both
 //! ways; nothing is buffered.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
 use crate::state::Shared;
 use crate::upstream::{self, RequestHead, SendError, UpstreamResponseBody};
+use crate::values;
 use crate::watchdog::{InFlight as Tracking, Tracked};
 
 /// `X-Request-Id`: passed through when the client sent a sane one, generated otherwise.
@@ -128,7 +130,7 @@ async fn proxy(
         None if parts.version == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest("missing Host header".into()));
         }
-        None => String::new(),
+        None => Cow::Borrowed(""),
     };
     let path =
         normalize_path(parts.uri.path()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
@@ -149,8 +151,13 @@ async fn proxy(
         return Err(ProxyError::BodyTooLarge(max));
     }
 
-    // Authenticate.
-    let now_ms = shared.clock.now_ms();
+    // Authenticate. The time matters to keys, tokens and limits only (a route without auth has
+    // no consumer, so no plan limits either): other routes skip reading the clock.
+    let now_ms = if route.auth.is_some() || route.rate_limit.is_some() {
+        shared.clock.now_ms()
+    } else {
+        0
+    };
     let identity = match &route.auth {
         Some(auth) => Some(
             auth.authenticate(&parts.headers, &config.keys, now_ms)
@@ -215,11 +222,11 @@ async fn proxy(
 
     let forwarded_path = if route.strip_prefix {
         let rest = path.get(matched.prefix_len..).unwrap_or("");
-        if rest.starts_with('/') {
+        Cow::Owned(if rest.starts_with('/') {
             rest.to_string()
         } else {
             format!("/{rest}")
-        }
+        })
     } else {
         path
     };
@@ -300,23 +307,44 @@ async fn proxy(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than nine lookups.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names notes which hop-by-hop headers are there (most messages carry
+    // none, or only `Connection`): each present one then costs one removal, the others none.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
+    // Headers the Connection header names are hop-by-hop too. Most name only headers removed
+    // below anyway (`Connection: keep-alive`, as upstreams answer): nothing to collect then.
+    let names_others = headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+        .flat_map(|v| v.to_str().unwrap_or(",").split(','))
+        .any(|name| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|hop| name.trim().eq_ignore_ascii_case(hop.as_str()))
+        });
+    if names_others {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -366,7 +394,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     for (i, byte) in buffer.iter_mut().enumerate() {
         *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buffer).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    values::shared(&buffer).unwrap_or_else(|| HeaderValue::from_static("0"))
 }
 
 /// Counts a request against a target until its response head arrives (least connections).
@@ -397,10 +425,10 @@ fn limit_checks(
     let mut checks = Vec::new();
     if let Some((limit, window, by, policy)) = route.rate_limit {
         let scope = match by {
-            RateLimitBy::Route => String::new(),
-            RateLimitBy::Ip => format!("ip:{}", client_ip()),
+            RateLimitBy::Route => Cow::Borrowed(""),
+            RateLimitBy::Ip => Cow::Owned(format!("ip:{}", client_ip())),
             RateLimitBy::Consumer => {
-                format!("c:{}", consumer.map_or("anonymous", |c| c.id.as_str()))
+                Cow::Borrowed(consumer.map_or("c:anonymous", |c| c.limit_scope.as_str()))
             }
         };
         checks.push(Check {
@@ -469,14 +497,14 @@ fn closest_to_limit(usages: &[Usage]) -> Option<Usage> {
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds) for `usage`.
 pub fn rate_limit_headers(headers: &mut HeaderMap, usage: &Usage) {
-    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(usage.limit));
+    headers.insert(RATELIMIT_LIMIT, values::number(usage.limit));
     headers.insert(
         RATELIMIT_REMAINING,
-        HeaderValue::from(usage.limit.saturating_sub(usage.count)),
+        values::number(usage.limit.saturating_sub(usage.count)),
     );
     headers.insert(
         RATELIMIT_RESET,
-        HeaderValue::from(ceil_seconds(usage.reset_ms)),
+        values::number(ceil_seconds(usage.reset_ms).unsigned_abs()),
     );
 }
 
@@ -525,6 +553,16 @@ mod tests {
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+
+        // Naming only hop-by-hop headers (as upstreams answer `Connection: keep-alive`).
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("Keep-Alive, upgrade"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);

@@ -46,6 +46,7 @@
 //! so its cost grows with the length of the request, not with the number of routes, and it
 //! allocates nothing.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -72,10 +73,19 @@ const MAX_HOST_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
 
 /// Normalizes a raw, percent-encoded request path (without query) per the module's rules.
-pub fn normalize_path(raw: &str) -> Result<String, BadRequest> {
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, BadRequest> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(BadRequest::Path("must start with '/'"));
+    }
+    // Most paths are already normal: visible ASCII without escapes or doubled slashes. The loop
+    // below would copy them unchanged.
+    let plain = bytes
+        .iter()
+        .all(|&byte| byte.is_ascii_graphic() && !matches!(byte, b'%' | b'\\' | b'?' | b'#'))
+        && !raw.contains("//");
+    if plain {
+        return without_dot_segments(raw).map(Cow::Borrowed);
     }
     let mut normalized = String::with_capacity(raw.len());
     let mut index = 0;
@@ -122,13 +132,20 @@ pub fn normalize_path(raw: &str) -> Result<String, BadRequest> {
             _ => return Err(BadRequest::Path("must be ASCII without spaces")),
         }
     }
-    if normalized
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
+    without_dot_segments(&normalized)?;
+    Ok(Cow::Owned(normalized))
+}
+
+fn without_dot_segments(path: &str) -> Result<&str, BadRequest> {
+    // A dot segment follows a '/' (paths start with one): most paths have no "/." at all.
+    if path.contains("/.")
+        && path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
     {
         return Err(BadRequest::Path("must not contain '.' or '..' segments"));
     }
-    Ok(normalized)
+    Ok(path)
 }
 
 const UPPER_HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -145,7 +162,7 @@ fn is_unreserved(byte: u8) -> bool {
 }
 
 /// Normalizes a `Host` header or `:authority` value per the module's rules.
-pub fn normalize_host(value: &str) -> Result<String, BadRequest> {
+pub fn normalize_host(value: &str) -> Result<Cow<'_, str>, BadRequest> {
     if value.is_empty() {
         return Err(BadRequest::Host("must not be empty"));
     }
@@ -179,7 +196,7 @@ pub fn normalize_host(value: &str) -> Result<String, BadRequest> {
             None => return Err(BadRequest::Host("unexpected text after IPv6 address")),
         };
         check_port(port)?;
-        return Ok(format!("[{}]", address.to_ascii_lowercase()));
+        return Ok(Cow::Owned(format!("[{}]", address.to_ascii_lowercase())));
     }
     let (name, port) = match value.split_once(':') {
         Some((name, port)) => (name, Some(port)),
@@ -205,7 +222,11 @@ pub fn normalize_host(value: &str) -> Result<String, BadRequest> {
             "labels must be 1-63 letters, digits, '-' or '_'",
         ));
     }
-    Ok(name.to_ascii_lowercase())
+    if name.bytes().any(|byte| byte.is_ascii_uppercase()) {
+        Ok(Cow::Owned(name.to_ascii_lowercase()))
+    } else {
+        Ok(Cow::Borrowed(name))
+    }
 }
 
 fn check_port(port: Option<&str>) -> Result<(), BadRequest> {
@@ -374,7 +395,7 @@ impl RouteTable {
                 .paths
                 .iter()
                 .filter_map(|path| match normalize_path(path) {
-                    Ok(normalized) => Some(normalized),
+                    Ok(normalized) => Some(normalized.into_owned()),
                     Err(error) => {
                         warn!(route = %route.name, path = %path, %error, "route path skipped");
                         None
@@ -567,8 +588,26 @@ mod tests {
     }
 
     /// The normalized value, or the error's message.
-    fn outcome(result: Result<String, BadRequest>) -> String {
-        result.unwrap_or_else(|error| error.to_string())
+    fn outcome(result: Result<Cow<'_, str>, BadRequest>) -> String {
+        result.map_or_else(|error| error.to_string(), Cow::into_owned)
+    }
+
+    #[test]
+    fn normal_paths_and_hosts_are_not_copied() {
+        assert!(matches!(
+            normalize_path("/api/v1/file.json"),
+            Ok(Cow::Borrowed("/api/v1/file.json"))
+        ));
+        assert!(matches!(normalize_path("/a//b"), Ok(Cow::Owned(p)) if p == "/a/b"));
+        assert!(matches!(normalize_path("/a/%7Eb"), Ok(Cow::Owned(p)) if p == "/a/~b"));
+        assert!(normalize_path("/a/./b").is_err());
+        assert!(matches!(
+            normalize_host("api.example.com:8000"),
+            Ok(Cow::Borrowed("api.example.com"))
+        ));
+        assert!(
+            matches!(normalize_host("API.example.com"), Ok(Cow::Owned(h)) if h == "api.example.com")
+        );
     }
 
     #[test]

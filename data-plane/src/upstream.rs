@@ -206,7 +206,9 @@ pub async fn send(
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     // A body of unknown length goes chunked.
     let chunked = body.is_some() && !head.headers.contains_key(CONTENT_LENGTH);
-    let encoded = encode_head(head, chunked)?;
+    // Encoded once; a retry (rare) encodes again, as the buffer became the first try's read
+    // buffer.
+    let mut encoded = Some(encode_head(head, chunked)?);
     // A pooled connection first. If the upstream closed it at the same moment, before any
     // byte of an answer, a bodyless idempotent request goes once more, on a new connection (as
     // nginx does); anything else is never replayed. (One call site of `exchange`, so that its
@@ -220,7 +222,11 @@ pub async fn send(
             // On the heap: dialing is rare next to pooled reuse, and its future is large.
             None => Box::pin(host.dial(connect_timeout)).await?,
         };
-        match exchange(host, stream, &encoded, body.take(), chunked, head.method).await {
+        let encoded = match encoded.take() {
+            Some(encoded) => encoded,
+            None => encode_head(head, chunked)?,
+        };
+        match exchange(host, stream, encoded, body.take(), chunked, head.method).await {
             Err(SendError::Stale) if replayable && reused => {}
             other => return other,
         }
@@ -230,13 +236,15 @@ pub async fn send(
 async fn exchange(
     host: &Arc<HostConns>,
     mut stream: TcpStream,
-    head: &[u8],
+    head: BytesMut,
     body: Option<CappedBody>,
     chunked: bool,
     method: &Method,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
-    stream.write_all(head).await.map_err(stale_if_reset)?;
-    let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
+    stream.write_all(&head).await.map_err(stale_if_reset)?;
+    // The head's buffer, once sent, receives the answer (one allocation for both).
+    let mut buf = head;
+    buf.clear();
     let ((parts, framing, reusable), sent_whole) = match body {
         None => (read_answer(&mut stream, &mut buf, method).await?, true),
         // On the heap: streaming a body makes a large future, which a bodyless request should
@@ -440,8 +448,8 @@ fn stale_if_reset(error: io::Error) -> SendError {
 }
 
 /// `METHOD target HTTP/1.1`, the headers, and `Transfer-Encoding: chunked` when a body of
-/// unknown length follows.
-fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<Vec<u8>, SendError> {
+/// unknown length follows; in a buffer with room for the answer's head after it is sent.
+fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<BytesMut, SendError> {
     let unsendable = |part: &str| part.bytes().any(|b| b <= b' ' || b == 0x7f || b >= 0x80);
     // A query may carry raw UTF-8 (clients send it, hyper accepts it); never controls or spaces.
     let bad_query = |query: &str| query.bytes().any(|b| b <= b' ' || b == 0x7f);
@@ -452,13 +460,13 @@ fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<Vec<u8>, SendErr
     {
         return Err(SendError::Target);
     }
-    let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
+    let mut out = BytesMut::with_capacity(HEAD_CHUNK.max(256 + head.headers.len() * 48));
     out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(head.base.as_bytes());
     out.extend_from_slice(head.path.as_bytes());
     if let Some(query) = head.query {
-        out.push(b'?');
+        out.extend_from_slice(b"?");
         out.extend_from_slice(query.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -585,6 +593,11 @@ fn parse_head(
 
     let (mut close, mut keep_alive_token) = (false, false);
     for value in headers.get_all(CONNECTION) {
+        // Most answers carry one token: no list to split.
+        if value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive_token = true;
+            continue;
+        }
         for token in value.to_str().unwrap_or("").split(',') {
             let token = token.trim();
             close |= token.eq_ignore_ascii_case("close");
