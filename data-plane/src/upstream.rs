@@ -242,9 +242,14 @@ async fn exchange(
     method: &Method,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     stream.write_all(&head).await.map_err(stale_if_reset)?;
-    // The head's buffer, once sent, receives the answer (one allocation for both).
+    // The head's buffer, once sent, receives the answer (one allocation for both), unless the
+    // head was large: the answer's header values are slices of this buffer and keep it alive.
     let mut buf = head;
-    buf.clear();
+    if buf.capacity() > 2 * HEAD_CHUNK {
+        buf = BytesMut::with_capacity(HEAD_CHUNK);
+    } else {
+        buf.clear();
+    }
     let ((parts, framing, reusable), sent_whole) = match body {
         None => (read_answer(&mut stream, &mut buf, method).await?, true),
         // On the heap: streaming a body makes a large future, which a bodyless request should

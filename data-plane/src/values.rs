@@ -5,7 +5,10 @@
 //! cloning it (the request id goes upstream and back to the client) only counts a reference.
 //!
 //! A chunk is freed when its last value is dropped. Values live as long as their request, so
-//! a chunk outlives the requests it served by little.
+//! a chunk outlives the requests it served by little. They are marked sensitive, which makes
+//! HTTP/2's HPACK encoder send them as never-indexed literals: a value stored in a
+//! connection's header table would keep its whole chunk alive for as long as the connection
+//! (and a value unique to one request gains nothing from the table anyway).
 
 use std::cell::RefCell;
 
@@ -31,7 +34,9 @@ pub fn shared(bytes: &[u8]) -> Option<HeaderValue> {
         // The bytes just written, as their own handle on the chunk; `spare` keeps the rest.
         spare.split().freeze()
     });
-    HeaderValue::from_maybe_shared(slice).ok()
+    let mut value = HeaderValue::from_maybe_shared(slice).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// A number as a header value.
@@ -53,6 +58,7 @@ mod tests {
         let long = vec![b'a'; CHUNK + 10];
         assert_eq!(shared(&long).map(|v| v.len()), Some(CHUNK + 10));
         assert_eq!(number(7), "7");
+        assert!(number(7).is_sensitive(), "never indexed by HPACK");
         assert!(shared(b"bad\nvalue").is_none());
         assert_eq!(
             shared(b"after-a-refusal")
