@@ -120,25 +120,32 @@ impl Tracker {
                     };
                 }
                 State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    let byte = bytes[i];
-                    if byte == b'\n' {
-                        if self.end_of_line() {
-                            // This line feed completes a refused head: hyper must not see it.
-                            self.refused = true;
-                            self.state = State::Passthrough;
-                            return Some(i);
-                        }
-                    } else {
-                        if self.line.len() < LINE_KEEP {
-                            self.line.push(byte);
-                        }
-                        self.line_len = self.line_len.saturating_add(1);
+                    // A line at a time: the bytes up to the next line feed (all that was read
+                    // when it has none yet) join the line.
+                    let rest = &bytes[i..];
+                    let Some(at) = memchr::memchr(b'\n', rest) else {
+                        self.extend_line(rest);
+                        return None;
+                    };
+                    self.extend_line(&rest[..at]);
+                    if self.end_of_line() {
+                        // This line feed completes a refused head: hyper must not see it.
+                        self.refused = true;
+                        self.state = State::Passthrough;
+                        return Some(i + at);
                     }
-                    i += 1;
+                    i += at + 1;
                 }
             }
         }
         None
+    }
+
+    /// Adds bytes of the current line: the first [`LINE_KEEP`] are kept, all are counted.
+    fn extend_line(&mut self, part: &[u8]) {
+        let room = LINE_KEEP.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&part[..part.len().min(room)]);
+        self.line_len = self.line_len.saturating_add(part.len());
     }
 
     /// Handles a complete line; true when it ends a head that must be refused.
@@ -410,6 +417,22 @@ mod tests {
             assert!(!refused, "{input:?}");
             assert_eq!(seen, input.as_bytes());
         }
+    }
+
+    #[test]
+    fn long_lines_are_followed_across_reads() {
+        // Lines longer than what is kept: a long harmless header passes, and so does the
+        // request after it; a Content-Length line too long to be kept whole is refused.
+        let long = "x".repeat(3 * LINE_KEEP);
+        let input = format!(
+            "GET / HTTP/1.1\r\nX-Long: {long}\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET / HTTP/1.1\r\n\r\n"
+        );
+        let (refused, seen) = check(&input);
+        assert!(!refused);
+        assert_eq!(seen, input.as_bytes());
+        let digits = "0".repeat(LINE_KEEP);
+        let input = format!("POST / HTTP/1.1\r\nContent-Length: {digits}1\r\n\r\na");
+        assert!(check(&input).0);
     }
 
     #[test]
