@@ -31,8 +31,15 @@
 -- request alone, in order.
 --
 -- Numbers stay the strings the data plane sent wherever Redis only passes them on (scores,
--- TTLs): turning a Lua number back into a string costs a float formatting and a parse each
--- time.
+-- TTLs). A number computed here goes to Redis as `int(n)`, a string: Redis turns a Lua number
+-- argument into a string with a float formatting (%.17g), several times the cost.
+--
+-- Expiry: a window's keys must outlive their latest admission by the window's length. Setting
+-- that on every call cost two PEXPIREs per call; instead the keys get the length plus two
+-- slacks (slack = the length, at most 10 s), and the hash notes under 'x' the time up to which
+-- admissions are covered (the write time plus one slack): later calls move the expiry only
+-- once an admission is past 'x'. Keys live at most two slacks longer than needed, and one
+-- slack absorbs clock differences between data planes.
 --
 -- Returns, group after group, {k (requests admitted), count_1, retry_ms_1, ..., count_n,
 -- retry_ms_n}: for each limit the count after the group's k admissions (for the refused
@@ -40,6 +47,10 @@
 -- refused them the ms until its oldest admission leaves it (-1 otherwise: the data plane knows
 -- the window length and the period end). The data plane derives each request's answer: the
 -- j-th admitted (1-based) saw count - k + j.
+
+local function int(n)
+  return string.format('%d', n)
+end
 
 local limits = {}
 local arg = 2
@@ -58,9 +69,10 @@ for j = 1, tonumber(ARGV[1]) do
   arg = arg + 3
 end
 
--- Per key: {now, count (in the window, pending included), bucket (admissions stored at
--- `now`), pending (admissions at `now` not written yet), dirty (the stored total is stale),
--- written (admissions were written: the keys' expiry moves)}.
+-- Per key: {now, t (now as a number), count (in the window, pending included), bucket
+-- (admissions stored at `now`), pending (admissions at `now` not written yet), dirty (the
+-- stored total is stale), written (admissions were written), latest (the latest time written),
+-- covered (the stored 'x': admissions up to it are covered by the keys' expiry)}.
 local cache = {}
 
 -- Writes the admissions counted at `c.now` (with the total, in the same command).
@@ -73,24 +85,28 @@ local function flush(l, c)
       redis.call('ZADD', l.k, c.now, c.now)
     end
     c.bucket = c.bucket + c.pending
-    redis.call('HSET', l.n, c.now, c.bucket, 't', c.count)
+    redis.call('HSET', l.n, c.now, int(c.bucket), 't', int(c.count))
     c.dirty = false
     c.written = true
+    if c.t > c.latest then
+      c.latest = c.t
+    end
   else
-    redis.call('INCRBY', l.k, c.pending)
+    redis.call('INCRBY', l.k, int(c.pending))
     redis.call('PEXPIREAT', l.k, l.span)
   end
   c.pending = 0
 end
 
 -- Moves a window's view to `now`: reads the admissions already stored at `now` (and, the
--- first time, the stored total), then subtracts the milliseconds that left the window and
+-- first time, the stored total and 'x'), then subtracts the milliseconds that left the window and
 -- drops them, reading their counts in the same HMGET, 1000 at a time and at most 8000 per
 -- script call (over all keys and times): Redis is never blocked long. Milliseconds left for a
 -- later call still count (the window admits fewer, never more).
 local prune_left = 8000
 local function advance(l, c, now, first)
-  local cutoff = tonumber(now) - l.length
+  c.t = tonumber(now)
+  local cutoff = c.t - l.length
   local chunk = 0
   local take
   local gone
@@ -99,7 +115,8 @@ local function advance(l, c, now, first)
     take = math.min(1000, prune_left)
     gone = {}
     if take > 0 then
-      gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', cutoff, 'LIMIT', 0, take)
+      gone = redis.call('ZRANGEBYSCORE', l.k, '-inf', int(cutoff), 'LIMIT', '0',
+        take == 1000 and '1000' or int(take))
       prune_left = prune_left - #gone
     end
     if chunk == 1 and take > 0 and #gone == take then
@@ -111,6 +128,7 @@ local function advance(l, c, now, first)
         prune_left = prune_left + #gone
         c.count = 0
         c.bucket = 0
+        c.covered = 0
         -- Nothing to write: a missing total reads as 0 (and a rewritten one would have no TTL).
         c.dirty = false
         return
@@ -119,6 +137,7 @@ local function advance(l, c, now, first)
     local fields = {now}
     if first then
       fields[2] = 't'
+      fields[3] = 'x'
     end
     local skip = #fields
     for i = 1, #gone do
@@ -128,6 +147,7 @@ local function advance(l, c, now, first)
     c.bucket = tonumber(values[1] or '0')
     if first then
       c.count = tonumber(values[2] or '0')
+      c.covered = tonumber(values[3] or '0')
       first = false
     end
     if #gone > 0 then
@@ -157,7 +177,7 @@ for _ = 1, tonumber(ARGV[arg]) do
     local c = cache[l.k]
     if l.window then
       if c == nil then
-        c = {now = now, count = 0, bucket = 0, pending = 0}
+        c = {now = now, count = 0, bucket = 0, pending = 0, latest = 0, covered = 0}
         cache[l.k] = c
         advance(l, c, now, true)
       elseif c.now ~= now then
@@ -188,8 +208,8 @@ for _ = 1, tonumber(ARGV[arg]) do
     if room < size and l.window and c.count >= l.limit and c.count > 0 then
       flush(l, c)
       -- The oldest millisecond still in the window (expired ones not pruned yet are not).
-      local oldest = redis.call('ZRANGEBYSCORE', l.k, '(' .. (tonumber(now) - l.length), '+inf',
-        'WITHSCORES', 'LIMIT', 0, 1)
+      local oldest = redis.call('ZRANGEBYSCORE', l.k, '(' .. int(tonumber(now) - l.length), '+inf',
+        'WITHSCORES', 'LIMIT', '0', '1')
       if oldest[2] then
         out[base + 2 * i] = tonumber(oldest[2]) + l.length - tonumber(now)
       end
@@ -201,17 +221,25 @@ for j = 1, #limits do
   local c = cache[l.k]
   if c ~= nil then
     flush(l, c)
-    if c.dirty then
+    -- Everything counted leaves the window one length after the latest admission: move the
+    -- expiry when an admission is past what the last move covered (see the top).
+    local extend = c.written and c.latest > c.covered
+    if extend then
+      local slack = math.min(l.length, 10000)
+      c.covered = c.latest + slack
+      redis.call('PEXPIRE', l.k, int(l.length + 2 * slack))
+      redis.call('PEXPIRE', l.n, int(l.length + 2 * slack))
+    end
+    if c.dirty and extend then
       -- Milliseconds left the window after the last write.
-      redis.call('HSET', l.n, 't', c.count)
-      c.dirty = false
+      redis.call('HSET', l.n, 't', int(c.count), 'x', int(c.covered))
+    elseif c.dirty then
+      redis.call('HSET', l.n, 't', int(c.count))
+    elseif extend then
+      redis.call('HSET', l.n, 'x', int(c.covered))
     end
-    if c.written then
-      -- Everything counted leaves the window one length after the latest admission.
-      redis.call('PEXPIRE', l.k, l.span)
-      redis.call('PEXPIRE', l.n, l.span)
-      c.written = false
-    end
+    c.dirty = false
+    c.written = false
   end
 end
 return out
