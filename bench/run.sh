@@ -46,9 +46,12 @@
 # For tollgate-auth-limit also: CPU-us per request of redis-server (same /proc method),
 # Redis commands per request (sum of `calls=` of every cmdstat line of `INFO commandstats`
 # except `info` itself, after minus before the wrk run, / requests; the limiter script's
-# ZREMRANGEBYSCORE/ZCARD/ZRANGE/ZADD/PEXPIRE count too), script calls per request
+# ZRANGEBYSCORE/HMGET/HSET/ZADD/... count too), script calls per request
 # (evalsha + eval) and requests the data plane decided by its failure policy instead of Redis
-# (delta of tollgate_limiter_degraded_total; must stay 0).
+# (delta of tollgate_limiter_degraded_total; must stay 0). And `steal%`: the share of the
+# servers' CPU the hypervisor gave to other guests during the run (/proc/stat); on a shared
+# virtual machine a run with high steal measured a slower machine, so compare only runs with
+# low steal.
 # The final table holds the medians and the ratios tollgate/nginx and
 # tollgate-auth-limit/nginx (rps and CPU-us/req).
 #
@@ -459,12 +462,20 @@ log "$(nginx -v 2>&1), $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}'), tollgate: 
 log "servers on CPU $SERVER_CPU, wrk -t1 -c$CONNS -d${DUR}s --latency on CPU $CLIENT_CPU, $ROUNDS rounds"
 
 RUNS=$BENCH_DIR/runs.txt
+# server_cpu_ticks: "STEAL ALL" ticks of the servers' CPU from /proc/stat. Steal is time the
+# hypervisor gave this virtual CPU to someone else: a run with much of it measured a slower
+# machine, whatever the target.
+server_cpu_ticks() {
+  awk -v cpu="cpu$SERVER_CPU" '$1 == cpu { all = 0; for (i = 2; i <= NF; i++) all += $i
+    print $9, all }' /proc/stat
+}
 echo "round target rps p50_ms p99_ms proxy_cpu_us_per_req upstream_cpu_us_per_req requests errors" \
-  "redis_cpu_us_per_req redis_cmds_per_req redis_script_calls_per_req limiter_degraded" >"$RUNS"
-ROW='%-5s %-19s %10s %8s %8s %14s %14s %12s %14s %11s %8s  %s\n'
+  "redis_cpu_us_per_req redis_cmds_per_req redis_script_calls_per_req limiter_degraded" \
+  "server_cpu_steal_pct" >"$RUNS"
+ROW='%-5s %-19s %10s %8s %8s %14s %14s %12s %14s %11s %8s %6s  %s\n'
 # shellcheck disable=SC2059 # the format is ROW
 printf "$ROW" round target rps p50_ms p99_ms proxy_us/req upstream_us/req redis_us/req \
-  redis_cmds/req evalsha/req degraded errors
+  redis_cmds/req evalsha/req degraded steal% errors
 for ((r = 1; r <= ROUNDS; r++)); do
   for t in "${TARGETS[@]}"; do
     out=$RAW/$t.round$r.txt
@@ -474,6 +485,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     p0=0
     [[ -z "$pp" ]] || p0=$(cpu_ticks "$pp")
     u0=$(cpu_ticks "${PID[upstream]}")
+    read -r st0 all0 <<<"$(server_cpu_ticks)"
     if [[ -n "$with_redis" ]]; then
       r0=$(cpu_ticks "${PID[redis]}")
       read -r c0 s0 <<<"$(redis_calls)"
@@ -483,6 +495,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
     p1=0
     [[ -z "$pp" ]] || p1=$(cpu_ticks "$pp")
     u1=$(cpu_ticks "${PID[upstream]}")
+    read -r st1 all1 <<<"$(server_cpu_ticks)"
+    steal=$(awk -v s=$((st1 - st0)) -v a=$((all1 - all0)) 'BEGIN { if (a > 0) printf "%.1f", 100 * s / a; else print "nan" }')
     rcpu=- rcmds=- rscripts=- rdeg=-
     if [[ -n "$with_redis" ]]; then
       r1=$(cpu_ticks "${PID[redis]}")
@@ -506,8 +520,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
       rscripts=$(per_req $((s1 - s0)) "$nreq")
     fi
     # shellcheck disable=SC2059 # the format is ROW
-    printf "$ROW" "$r" "$t" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$rcpu" "$rcmds" "$rscripts" "$rdeg" "$errors"
-    echo "$r $t $rps $p50 $p99 $pcpu $ucpu $nreq ${errors// /_} $rcpu $rcmds $rscripts $rdeg" >>"$RUNS"
+    printf "$ROW" "$r" "$t" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$rcpu" "$rcmds" "$rscripts" "$rdeg" "$steal" "$errors"
+    echo "$r $t $rps $p50 $p99 $pcpu $ucpu $nreq ${errors// /_} $rcpu $rcmds $rscripts $rdeg $steal" >>"$RUNS"
   done
 done
 
