@@ -155,6 +155,44 @@ async fn bad_requests_are_refused_and_never_reach_the_upstream() {
     assert_eq!(seen[0].path, "/public/first");
 }
 
+/// A refused head pipelined behind a request whose answer is slow: the client still gets the
+/// first request's answer first, then the 400, in order on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_behind_a_slow_pipelined_request_comes_after_its_answer() {
+    let s = setup(&[
+        json!({"name": "slow", "paths": ["/slow"], "upstream": "u"}),
+        json!({"name": "download", "paths": ["/download"], "upstream": "u"}),
+    ])
+    .await;
+    // A large answer: hyper may still hold part of it when it reads the next head.
+    let answer = raw_request(
+        s.dp.proxy,
+        b"GET /download/4000000 HTTP/1.1\r\nHost: x\r\n\r\nPOST /slow/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..200.min(answer.len())]
+    );
+    let refusal = answer
+        .find("HTTP/1.1 400")
+        .expect("a 400 after the download");
+    assert!(
+        refusal > 4_000_000,
+        "the 400 came at byte {refusal}, inside the download"
+    );
+    let answer = raw_request(
+        s.dp.proxy,
+        b"GET /slow/300 HTTP/1.1\r\nHost: x\r\n\r\nPOST /slow/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    let seen = s.upstream.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_semantics() {
     let s = setup(&[
