@@ -2,7 +2,7 @@
 -- limits and quotas, and consume them only if all allow it (a refused request consumes
 -- nothing). The data plane sends the requests that arrived while its previous call was in
 -- flight as one batch: one EVALSHA, one round trip, for all of them. Each request is decided
--- exactly as if it had been sent alone, in this order.
+-- exactly as if it had been sent alone, in this order, at its group's time.
 --
 -- The batch's distinct limits come first, once each; requests name them by index.
 -- ARGV[1]: the number of distinct limits D. Then per limit: kind ('1' = sliding window,
@@ -11,12 +11,13 @@
 -- KEYS, limit after limit: a window has two keys (`<name>|ms`, a sorted set of the
 --   milliseconds that hold admissions; `<name>|n`, a hash of admissions per millisecond plus
 --   the total under 't'), a quota one (its counter).
--- Then the number of groups G, and per group: its time (Unix ms, the data plane's clock when
---   its requests arrived), its number of requests m, its number of limits n, and the index
---   (1-based) of each. A group is a run of requests, consecutive in the batch, with the same
---   time and the same limits: identical requests, so deciding them one by one admits the
---   first k = min(m, room left in each limit) and refuses the rest. The script computes k
---   once; its work follows the number of groups, not of requests.
+-- Then the number of groups G, and per group: its time (Unix ms; the data plane sends one time
+--   per batch, its latest arrival, but the script takes any), its number of requests m, its
+--   number of limits n, and the index (1-based) of each. A group is a run of requests,
+--   consecutive in the batch, with the same time and the same limits: identical requests, so
+--   deciding them one by one admits the first k = min(m, room left in each limit) and refuses
+--   the rest. The script computes k once; its work follows the number of groups, not of
+--   requests.
 --
 -- Sliding window (exact, at millisecond resolution like the times themselves): a request is
 -- admitted while fewer than `limit` admissions happened after time - length. Admissions are
