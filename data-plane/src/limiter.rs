@@ -383,7 +383,10 @@ fn invocation<'a>(
         .map(|pending| pending.now_ms)
         .max()
         .unwrap_or(0);
-    let mut distinct: HashMap<&LimitArgs, usize> = HashMap::new();
+    // foldhash, not SipHash: the map lives for one batch and holds a few hundred entries at
+    // most (MAX_BATCH requests times their limits),
+    // so even keys chosen to collide cost no more than a linear search over its entries.
+    let mut distinct: HashMap<&LimitArgs, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut order: Vec<&LimitArgs> = Vec::new();
     // Per group: size, and its limits' indexes in `indexes`.
     let mut groups: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
