@@ -578,12 +578,41 @@ fn parse_head(
         Version::HTTP_11
     };
     // Header positions, so the values can share the head's buffer instead of being copied.
+    // The headers that decide framing and reuse are read in the same pass (no lookups after).
     let base = buf.as_ptr() as usize;
     let mut fields = Vec::with_capacity(response.headers.len());
+    let (mut close, mut keep_alive_token) = (false, false);
+    // Some(whether the last coding is chunked) when Transfer-Encoding is present.
+    let mut chunked = None;
+    // The Content-Length values, all of which must agree; an invalid one is an error only if
+    // the length is used (no Transfer-Encoding).
+    let (mut length, mut has_length) = (Ok(None), false);
     for header in response.headers.iter() {
         let start = header.value.as_ptr() as usize - base;
         let name = HeaderName::from_bytes(header.name.as_bytes())
             .map_err(|_| SendError::BadResponse(format!("header name {:?}", header.name)))?;
+        if name == CONNECTION {
+            // Most answers carry one token: no list to split.
+            if header.value.eq_ignore_ascii_case(b"keep-alive") {
+                keep_alive_token = true;
+            } else {
+                for token in header.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+        } else if name == http::header::TRANSFER_ENCODING {
+            let last = header
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONTENT_LENGTH {
+            has_length = true;
+            length = length.and_then(|known| more_length(known, header.value));
+        }
         fields.push((name, start, start + header.value.len()));
     }
     // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers) without the
@@ -596,34 +625,8 @@ fn parse_head(
         headers.append(name, value);
     }
 
-    let (mut close, mut keep_alive_token) = (false, false);
-    for value in headers.get_all(CONNECTION) {
-        // Most answers carry one token: no list to split.
-        if value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
-            keep_alive_token = true;
-            continue;
-        }
-        for token in value.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            close |= token.eq_ignore_ascii_case("close");
-            keep_alive_token |= token.eq_ignore_ascii_case("keep-alive");
-        }
-    }
     // `close` always wins; HTTP/1.0 keeps the connection only when asked to.
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
-    // Some(whether the last coding is chunked) when Transfer-Encoding is present.
-    let chunked = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .map(|value| {
-            value
-                .to_str()
-                .unwrap_or("")
-                .rsplit(',')
-                .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-        });
     let framing = if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -634,7 +637,8 @@ fn parse_head(
         // Transfer-Encoding wins; a length next to it is meaningless (and would mislead the
         // client), so it goes. Both at once, or Transfer-Encoding from an HTTP/1.0 server, is
         // how desynchronisation starts (RFC 9112 §6.1): that connection is not reused.
-        if headers.remove(CONTENT_LENGTH).is_some() || version == Version::HTTP_10 {
+        if has_length || version == Version::HTTP_10 {
+            headers.remove(CONTENT_LENGTH);
             keep_alive = false;
         }
         if chunked {
@@ -644,7 +648,7 @@ fn parse_head(
             Framing::Close
         }
     } else {
-        match content_length(&headers)? {
+        match length? {
             Some(length) => Framing::Length(length),
             None => {
                 keep_alive = false;
@@ -659,23 +663,21 @@ fn parse_head(
     Ok(Some((parts, framing, keep_alive)))
 }
 
-/// The response's `Content-Length`: all values (comma lists included) must agree.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, SendError> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.to_str().unwrap_or("x").split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(SendError::BadResponse("invalid Content-Length".into()));
-            }
-            let parsed: u64 = part
-                .parse()
-                .map_err(|_| SendError::BadResponse("invalid Content-Length".into()))?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(SendError::BadResponse("conflicting Content-Length".into()));
-            }
-            length = Some(parsed);
+/// The response's `Content-Length` so far (`known`) with one more header `value`: every value
+/// (comma lists included) must be plain digits, and all must agree.
+fn more_length(known: Option<u64>, value: &[u8]) -> Result<Option<u64>, SendError> {
+    let mut length = known;
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        let parsed = std::str::from_utf8(part)
+            .ok()
+            .filter(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|part| part.parse::<u64>().ok())
+            .ok_or_else(|| SendError::BadResponse("invalid Content-Length".into()))?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(SendError::BadResponse("conflicting Content-Length".into()));
         }
+        length = Some(parsed);
     }
     Ok(length)
 }
@@ -1013,6 +1015,56 @@ mod tests {
             )
             .is_err()
         );
+        // Framing read from every header line, lists included.
+        for (wire, expected) in [
+            (
+                "content-length: 3, 3\r\ncontent-length: 3",
+                Some((Framing::Length(3), true)),
+            ),
+            ("content-length: 3, 4", None),
+            ("content-length: +3", None),
+            ("content-length: ", None),
+            (
+                "transfer-encoding: gzip, chunked",
+                Some((Framing::Chunked(Chunk::Size), true)),
+            ),
+            (
+                "transfer-encoding: chunked, gzip",
+                Some((Framing::Close, false)),
+            ),
+            (
+                "transfer-encoding: gzip\r\ntransfer-encoding: chunked",
+                Some((Framing::Chunked(Chunk::Size), true)),
+            ),
+            // The length is not used next to Transfer-Encoding: not an error, not reused.
+            (
+                "content-length: x\r\ntransfer-encoding: chunked",
+                Some((Framing::Chunked(Chunk::Size), false)),
+            ),
+            (
+                "connection: Keep-Alive\r\ncontent-length: 0",
+                Some((Framing::Length(0), true)),
+            ),
+            (
+                "connection: upgrade, close\r\ncontent-length: 0",
+                Some((Framing::Length(0), false)),
+            ),
+        ] {
+            let found = parse(&format!("HTTP/1.1 200 OK\r\n{wire}\r\n\r\n"), &get)
+                .ok()
+                .map(|answer| {
+                    let (_, framing, keep, _) = answer.expect("complete");
+                    (framing, keep)
+                });
+            assert_eq!(found, expected, "{wire}");
+        }
+        let (_, _, keep, _) = parse(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            &get,
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(keep, "HTTP/1.0 keeps the connection when asked to");
         assert!(parse("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", &get).is_err());
         assert!(parse("garbage\r\n\r\n", &get).is_err());
     }
