@@ -36,11 +36,13 @@
 -- argument into a string with a float formatting (%.17g), several times the cost.
 --
 -- Expiry: a window's keys must outlive their latest admission by the window's length. Setting
--- that on every call cost two PEXPIREs per call; instead the keys get the length plus two
--- slacks (slack = the length, at most 10 s), and the hash notes under 'x' the time up to which
--- admissions are covered (the write time plus one slack): later calls move the expiry only
--- once an admission is past 'x'. Keys live at most two slacks longer than needed, and one
--- slack absorbs clock differences between data planes.
+-- that on every call cost two PEXPIREs per call; instead a move gives the keys the length plus
+-- two slacks (slack = the length, at most 10 s) and notes in the hash, under 'x', the time they
+-- now live until. A call moves the expiry again only when its latest admission + length + one
+-- slack is past 'x' (so about once per slack, and at once when the length grows). Keys outlive
+-- their last admission by at most two slacks; one slack absorbs clock differences between data
+-- planes. A window whose admissions have all left is deleted whole (both keys), so a key is
+-- never recreated under an 'x' that no longer applies to it.
 --
 -- Returns, group after group, {k (requests admitted), count_1, retry_ms_1, ..., count_n,
 -- retry_ms_n}: for each limit the count after the group's k admissions (for the refused
@@ -73,8 +75,21 @@ end
 -- Per key: {now, t (now as a number), count (in the window, pending included), bucket
 -- (admissions stored at `now`), pending (admissions at `now` not written yet), dirty (the
 -- stored total is stale), written (admissions were written), latest (the latest time written),
--- covered (the stored 'x': admissions up to it are covered by the keys' expiry)}.
+-- covered (the stored 'x': the time the keys live until)}.
 local cache = {}
+
+-- Starts a window afresh: every admission it held has left. UNLINK frees a big one in the
+-- background. Nothing to write: a missing total reads as 0, and the next write creates both
+-- keys again and gives them their expiry (nothing is covered).
+local function restart(l, c)
+  redis.call('UNLINK', l.k, l.n)
+  c.count = 0
+  c.bucket = 0
+  c.covered = 0
+  c.latest = 0
+  c.dirty = false
+  c.written = false
+end
 
 -- Writes the admissions counted at `c.now` (with the total, in the same command).
 local function flush(l, c)
@@ -124,14 +139,8 @@ local function advance(l, c, now, first)
       -- Many have left; after a long quiet spell all of them may have: then start afresh.
       local newest = redis.call('ZRANGE', l.k, -1, -1, 'WITHSCORES')
       if newest[2] == nil or tonumber(newest[2]) <= cutoff then
-        -- UNLINK: a big window is freed in the background, not inside this script.
-        redis.call('UNLINK', l.k, l.n)
         prune_left = prune_left + #gone
-        c.count = 0
-        c.bucket = 0
-        c.covered = 0
-        -- Nothing to write: a missing total reads as 0 (and a rewritten one would have no TTL).
-        c.dirty = false
+        restart(l, c)
         return
       end
     end
@@ -155,8 +164,11 @@ local function advance(l, c, now, first)
       for i = 1, #gone do
         c.count = c.count - tonumber(values[skip + i] or '0')
       end
-      if c.count < 0 then
-        c.count = 0
+      if c.count <= 0 then
+        -- The last ones left (each millisecond holds at least one admission): deleting them
+        -- one by one would leave the hash (its 't' and 'x') without the sorted set.
+        restart(l, c)
+        return
       end
       redis.call('HDEL', l.n, unpack(gone))
       redis.call('ZREM', l.k, unpack(gone))
@@ -223,13 +235,16 @@ for j = 1, #limits do
   if c ~= nil then
     flush(l, c)
     -- Everything counted leaves the window one length after the latest admission: move the
-    -- expiry when an admission is past what the last move covered (see the top).
-    local extend = c.written and c.latest > c.covered
-    if extend then
+    -- expiry when that (plus a slack) is past what the last move covered (see the top).
+    local extend = false
+    local ttl
+    if c.written then
       local slack = math.min(l.length, 10000)
-      c.covered = c.latest + slack
-      redis.call('PEXPIRE', l.k, int(l.length + 2 * slack))
-      redis.call('PEXPIRE', l.n, int(l.length + 2 * slack))
+      if c.latest + l.length + slack > c.covered then
+        extend = true
+        ttl = l.length + 2 * slack
+        c.covered = c.latest + ttl
+      end
     end
     if c.dirty and extend then
       -- Milliseconds left the window after the last write.
@@ -238,6 +253,10 @@ for j = 1, #limits do
       redis.call('HSET', l.n, 't', int(c.count))
     elseif extend then
       redis.call('HSET', l.n, 'x', int(c.covered))
+    end
+    if extend then
+      redis.call('PEXPIRE', l.k, int(ttl))
+      redis.call('PEXPIRE', l.n, int(ttl))
     end
     c.dirty = false
     c.written = false

@@ -828,16 +828,18 @@ mod tests {
     }
 
     /// A window's keys get its length plus two slacks (slack = the length, at most 10 s) and
-    /// the hash notes the time they cover (`x`: the write's time + one slack); the expiry moves
-    /// only when an admission is past it.
+    /// the hash notes the time they live until (`x`); the expiry moves only when the latest
+    /// admission + length + one slack is past it, at once when the length grows, and a window
+    /// whose admissions have all left starts afresh with both keys expiring again.
     #[tokio::test]
     async fn window_expiry_moves_only_past_the_covered_time() {
         let (redis, key) = window_limiter().await;
-        let window = check(&key, 1_000, Span::Window(2_000));
         let t0 = 1_900_000_000_000;
         let mut connection = machine_redis().await;
         let [times_key, counts_key] = limits::window_keys(&key);
-        let mut state = async |now: i64| {
+        let mut look = connection.clone();
+        let mut state = async |now: i64, window_ms: i64| {
+            let window = check(&key, 1_000, Span::Window(window_ms));
             let decision = redis.decide(std::slice::from_ref(&window), now).await;
             assert!(
                 matches!(decision, Some(Decision::Admitted(_))),
@@ -854,24 +856,44 @@ mod tests {
                 .query_async(&mut connection)
                 .await
                 .expect("state");
+            assert!(state.0 > 0 && state.1 > 0, "both keys expire: {state:?}");
             state
         };
-        let (ttl, counts_ttl, covered) = state(t0).await;
-        assert!(ttl > 5_000 && ttl <= 6_000, "2 s + 2 x 2 s: {ttl}");
+        // A 2 s window: 2 s + 2 x 2 s.
+        let (ttl, counts_ttl, covered) = state(t0, 2_000).await;
+        assert!(ttl > 5_000 && ttl <= 6_000, "{ttl}");
         assert!(counts_ttl > 5_000 && counts_ttl <= 6_000, "{counts_ttl}");
-        assert_eq!(covered, Some(t0 + 2_000));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // Covered: the expiry stays where it was.
-        let (ttl, _, covered) = state(t0 + 2_000).await;
-        assert!(ttl <= 5_950, "not moved: {ttl}");
-        assert_eq!(covered, Some(t0 + 2_000));
-        // Past the covered time: moved again, both keys.
-        let (ttl, counts_ttl, covered) = state(t0 + 2_001).await;
+        assert_eq!(covered, Some(t0 + 6_000));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Covered (t0 + 1000 + 2000 + 2000 <= x): the expiry stays where it was.
+        let (ttl, _, covered) = state(t0 + 1_000, 2_000).await;
+        assert!(ttl <= 5_700, "not moved: {ttl}");
+        assert_eq!(covered, Some(t0 + 6_000));
+        // Past it (t0 + 2001 + 4000 > x): moved again, both keys. t0 has left, t0 + 1000 not.
+        let (ttl, counts_ttl, covered) = state(t0 + 2_001, 2_000).await;
         assert!(
-            ttl > 5_950 && counts_ttl > 5_950,
+            ttl > 5_700 && counts_ttl > 5_700,
             "moved: {ttl} {counts_ttl}"
         );
-        assert_eq!(covered, Some(t0 + 4_001));
+        assert_eq!(covered, Some(t0 + 8_001));
+        // Everything has left: the window starts afresh, both keys with their expiry.
+        let (ttl, counts_ttl, covered) = state(t0 + 10_000, 2_000).await;
+        assert!(ttl > 5_000 && counts_ttl > 5_000, "{ttl} {counts_ttl}");
+        assert_eq!(covered, Some(t0 + 16_000));
+        let stored: (i64, i64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(&times_key)
+            .cmd("HLEN")
+            .arg(&counts_key)
+            .query_async(&mut look)
+            .await
+            .expect("stored");
+        assert_eq!(stored, (1, 3), "one millisecond, its count, `t` and `x`");
+        // The window grows to 4 s (the same key): covered only until t0 + 16 000, so it moves
+        // at once, to 4 s + 2 x 4 s.
+        let (ttl, counts_ttl, covered) = state(t0 + 10_001, 4_000).await;
+        assert!(ttl > 11_000 && counts_ttl > 11_000, "{ttl} {counts_ttl}");
+        assert_eq!(covered, Some(t0 + 22_001));
         delete_keys(&[times_key.clone(), counts_key.clone()]).await;
     }
 
@@ -905,9 +927,16 @@ mod tests {
             times.arg(now).arg(now);
             counts.arg(now).arg(1);
         }
+        // Expiring, in case the test fails before it cleans up.
         let _: () = redis::pipe()
             .add_command(times)
             .add_command(counts)
+            .cmd("PEXPIRE")
+            .arg(&times_key)
+            .arg(60_000)
+            .cmd("PEXPIRE")
+            .arg(&counts_key)
+            .arg(60_000)
             .query_async(&mut connection)
             .await
             .expect("seed");
