@@ -106,7 +106,7 @@ pub struct KeyIndex {
 /// already, and nobody can choose one (that takes a preimage), so SipHash over all 32 bytes
 /// (the default, against chosen keys) would only cost time on every request.
 #[derive(Default)]
-pub struct DigestHasher(u64);
+struct DigestHasher(u64);
 
 impl Hasher for DigestHasher {
     fn write(&mut self, bytes: &[u8]) {

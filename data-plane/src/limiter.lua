@@ -246,13 +246,19 @@ for j = 1, #limits do
         c.covered = c.latest + ttl
       end
     end
-    if c.dirty and extend then
-      -- Milliseconds left the window after the last write.
-      redis.call('HSET', l.n, 't', int(c.count), 'x', int(c.covered))
-    elseif c.dirty then
-      redis.call('HSET', l.n, 't', int(c.count))
-    elseif extend then
-      redis.call('HSET', l.n, 'x', int(c.covered))
+    -- The total (milliseconds left the window after the last write) and the new note, in one
+    -- HSET.
+    local fields = {}
+    if c.dirty then
+      fields[1] = 't'
+      fields[2] = int(c.count)
+    end
+    if extend then
+      fields[#fields + 1] = 'x'
+      fields[#fields + 1] = int(c.covered)
+    end
+    if #fields > 0 then
+      redis.call('HSET', l.n, unpack(fields))
     end
     if extend then
       redis.call('PEXPIRE', l.k, int(ttl))

@@ -373,8 +373,8 @@ fn invocation<'a>(
         .max()
         .unwrap_or(0);
     // foldhash, not SipHash: the map lives for one batch and holds a few hundred entries at
-    // most (MAX_BATCH requests times their limits),
-    // so even keys chosen to collide cost no more than a linear search over its entries.
+    // most (MAX_BATCH requests times their limits), so even keys chosen to collide cost no
+    // more than a linear search over its entries.
     let mut distinct: HashMap<&LimitArgs, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut order: Vec<&LimitArgs> = Vec::new();
     // Per group: size, and its limits' indexes in `indexes`.

@@ -718,6 +718,19 @@ pub async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).to_string()
 }
 
+/// Sends `bytes` on a new connection and reads until the proxy closes it (at most 20 s).
+pub async fn raw_request_to_close(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&out).to_string()
+}
+
 // ---------------------------------------------------------------- Redis
 
 /// The machine's Redis, shared by tests that each use their own key prefix.
