@@ -80,7 +80,7 @@ impl ProxyError {
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
+        headers.insert(crate::proxy::X_REQUEST_ID.clone(), request_id.clone());
         if matches!(self, Self::NoConfig | Self::LimiterUnavailable) {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -58,14 +58,14 @@ async fn probe(
     target: &TargetRt,
     check: &tollgate_shared::HealthCheck,
 ) -> bool {
-    let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::HOST, target.host_header.clone());
     let head = RequestHead {
         method: &http::Method::GET,
         base: &target.base_path,
         path: &check.path,
         query: None,
-        headers: &headers,
+        host: &target.host_header,
+        headers: &http::HeaderMap::new(),
+        added: &[],
     };
     let timeout = Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000));
     let sent = upstream::send(&target.conns, pool.connect_timeout, &head, None);

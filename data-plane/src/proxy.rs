@@ -15,9 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
-};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -30,33 +28,20 @@ use crate::error::ProxyError;
 use crate::limiter::{Check, Decision, Span, Usage};
 use crate::router::{normalize_host, normalize_path};
 use crate::state::Shared;
-use crate::upstream::{self, RequestHead, SendError, UpstreamResponseBody};
+use crate::upstream::{self, HOP_BY_HOP, RequestHead, SendError, UpstreamResponseBody};
 use crate::values;
 use crate::watchdog::{InFlight as Tracking, Tracked};
 
 /// `X-Request-Id`: passed through when the client sent a sane one, generated otherwise.
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
-const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+static X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-
-/// Headers meaningful only for one hop (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    TRANSFER_ENCODING,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("proxy-authenticate"),
-    HeaderName::from_static("proxy-authorization"),
-    HeaderName::from_static("te"),
-    HeaderName::from_static("trailer"),
-    HeaderName::from_static("upgrade"),
-];
 
 /// The response body: the upstream's, streamed, or one the gateway wrote; with the request's
 /// place among those in flight on its connection, when the [`crate::watchdog`] tracks them.
@@ -191,32 +176,37 @@ async fn proxy(
         }
     };
 
-    // Build the upstream request's headers.
+    // The upstream request's headers: the client's, less hop-by-hop ones, with the gateway's
+    // (`added`) in place of any of the same name.
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    // Consumer headers come from the gateway only, never from the client.
-    headers.remove(X_CONSUMER_ID);
-    headers.remove(X_CONSUMER_USERNAME);
-    if let Some(identity) = &identity {
-        for name in &identity.strip {
-            headers.remove(name);
-        }
-        if let Some(consumer) = &identity.consumer {
-            headers.insert(X_CONSUMER_ID, consumer.id_header.clone());
-            headers.insert(X_CONSUMER_USERNAME, consumer.username_header.clone());
-        }
-        for (name, value) in &identity.forward {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-    set_forwarded(
+    let consumer = identity.as_ref().and_then(|i| i.consumer.as_deref());
+    let (strip, forward) = identity
+        .as_ref()
+        .map_or((&[][..], &[][..]), |i| (&i.strip[..], &i.forward[..]));
+    let forwarded = Forwarded::new(
         headers,
         shared.is_trusted(peer.ip()),
         peer_value,
         host_header.as_ref(),
     );
-    headers.insert(X_REQUEST_ID, request_id.clone());
+    let mut added: Vec<(&HeaderName, Option<&HeaderValue>)> =
+        Vec::with_capacity(6 + strip.len() + forward.len());
+    // Consumer headers come from the gateway only, never from the client.
+    added.push((&X_CONSUMER_ID, consumer.map(|c| &c.id_header)));
+    added.push((&X_CONSUMER_USERNAME, consumer.map(|c| &c.username_header)));
+    added.extend(strip.iter().map(|name| (name, None)));
+    added.extend(forward.iter().map(|(name, value)| (name, Some(value))));
+    forwarded.add_to(&mut added);
+    added.push((&X_REQUEST_ID, Some(request_id)));
     if !route.request_edits.is_empty() {
+        // Transforms see (and may change) the gateway's headers too.
+        for (name, value) in added.drain(..) {
+            match value {
+                Some(value) => headers.insert(name.clone(), value.clone()),
+                None => headers.remove(name),
+            };
+        }
         route.request_edits.apply(headers);
     }
 
@@ -247,9 +237,6 @@ async fn proxy(
         .preserve_host
         .then_some(host_header.as_ref())
         .flatten();
-    if let Some(host) = client_host {
-        headers.insert(HOST, host.clone());
-    }
 
     // Forward, retrying bodyless requests on another target after a connect failure.
     let pool = &route.upstream;
@@ -259,15 +246,14 @@ async fn proxy(
         let target = pool.pick();
         let _in_flight = (pool.algorithm == LoadBalancing::LeastConnections)
             .then(|| InFlight::new(&target.in_flight));
-        if client_host.is_none() {
-            headers.insert(HOST, target.host_header.clone());
-        }
         let head = RequestHead {
             method: &parts.method,
             base: &target.base_path,
             path: &forwarded_path,
             query,
+            host: client_host.unwrap_or(&target.host_header),
             headers,
+            added: &added,
         };
         let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
         match tokio::time::timeout(pool.request_timeout, sent).await {
@@ -287,12 +273,13 @@ async fn proxy(
                 }
             }
             Ok(Ok(response)) => {
+                // Hop-by-hop headers are already left out.
                 let (mut head, body) = response.into_parts();
-                strip_hop_by_hop(&mut head.headers);
                 if !route.response_edits.is_empty() {
                     route.response_edits.apply(&mut head.headers);
                 }
-                head.headers.insert(X_REQUEST_ID, request_id.clone());
+                head.headers
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
                 if let Some(usage) = &usage {
                     rate_limit_headers(&mut head.headers, usage);
                 }
@@ -345,40 +332,62 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// `X-Forwarded-*`: kept and extended from trusted peers, replaced for everyone else.
-/// `peer` is the peer's address as a header value (built once per connection).
-fn set_forwarded(
-    headers: &mut HeaderMap,
-    trusted: bool,
-    peer: &HeaderValue,
-    host: Option<&HeaderValue>,
-) {
-    let extended = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if trusted => HeaderValue::from_str(&format!(
-            "{existing}, {}",
-            peer.to_str().unwrap_or_default()
-        ))
-        .ok(),
-        _ => None,
-    };
-    headers.insert(X_FORWARDED_FOR, extended.unwrap_or_else(|| peer.clone()));
-    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+struct Forwarded<'a> {
+    /// The peer's address (built once per connection), or a trusted peer's chain extended.
+    for_value: Cow<'a, HeaderValue>,
+    /// `None`: a trusted peer's value is kept.
+    proto: Option<&'a HeaderValue>,
+    /// `None` inside: the client's (untrusted) value is dropped and none is sent.
+    host: Option<Option<&'a HeaderValue>>,
+}
+
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+
+impl<'a> Forwarded<'a> {
+    /// `peer` is the peer's address as a header value; `host` the client's `Host`. An
+    /// untrusted peer's headers are not looked at.
+    fn new(
+        headers: &HeaderMap,
+        trusted: bool,
+        peer: &'a HeaderValue,
+        host: Option<&'a HeaderValue>,
+    ) -> Self {
+        if !trusted {
+            return Self {
+                for_value: Cow::Borrowed(peer),
+                proto: Some(&HTTP),
+                host: Some(host),
+            };
+        }
+        let for_value = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|existing| {
+                let peer = peer.to_str().unwrap_or_default();
+                HeaderValue::from_str(&format!("{existing}, {peer}")).ok()
+            })
+            .map_or(Cow::Borrowed(peer), Cow::Owned);
+        Self {
+            for_value,
+            proto: (!headers.contains_key(&X_FORWARDED_PROTO)).then_some(&HTTP),
+            host: (!headers.contains_key(&X_FORWARDED_HOST)).then_some(host),
+        }
     }
-    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-        match host {
-            Some(value) => {
-                headers.insert(X_FORWARDED_HOST, value.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
+
+    fn add_to<'b>(&'b self, added: &mut Vec<(&'b HeaderName, Option<&'b HeaderValue>)>) {
+        added.push((&X_FORWARDED_FOR, Some(&self.for_value)));
+        if let Some(proto) = self.proto {
+            added.push((&X_FORWARDED_PROTO, Some(proto)));
+        }
+        if let Some(host) = self.host {
+            added.push((&X_FORWARDED_HOST, host));
         }
     }
 }
 
 /// The client's request id when it is 1–128 visible ASCII characters, else a new random one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(X_REQUEST_ID) {
+    if let Some(value) = headers.get(&X_REQUEST_ID) {
         let bytes = value.as_bytes();
         if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
             return value.clone();
@@ -468,7 +477,7 @@ fn client_ip(shared: &Shared, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         return peer;
     }
     let chain = headers
-        .get_all(X_FORWARDED_FOR)
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -519,9 +528,9 @@ mod tests {
         let generated = request_id(&headers);
         assert_eq!(generated.len(), 32);
         assert_ne!(request_id(&headers), generated);
-        headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&headers), "abc-123");
-        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("has space"));
         assert_ne!(request_id(&headers), "has space");
     }
 
@@ -530,16 +539,42 @@ mod tests {
         let peer = HeaderValue::from_static("10.0.0.9");
         let host = HeaderValue::from_static("api.example.com");
         let mut headers = HeaderMap::new();
-        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        let mut untrusted = headers.clone();
-        set_forwarded(&mut untrusted, false, &peer, Some(&host));
-        assert_eq!(untrusted[X_FORWARDED_FOR], "10.0.0.9");
-        assert_eq!(untrusted[X_FORWARDED_PROTO], "http");
-        assert_eq!(untrusted[X_FORWARDED_HOST], "api.example.com");
-        set_forwarded(&mut headers, true, &peer, Some(&host));
-        assert_eq!(headers[X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
-        assert_eq!(headers[X_FORWARDED_PROTO], "https");
+        headers.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("1.2.3.4"));
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        headers.insert(
+            X_FORWARDED_HOST.clone(),
+            HeaderValue::from_static("front.example"),
+        );
+        let written = |trusted: bool, host: Option<&HeaderValue>| {
+            let forwarded = Forwarded::new(&headers, trusted, &peer, host);
+            let mut added = Vec::new();
+            forwarded.add_to(&mut added);
+            added
+                .iter()
+                .map(|(name, value)| {
+                    let value = value.and_then(|v| v.to_str().ok()).unwrap_or("(none)");
+                    format!("{name}: {value}")
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            written(false, Some(&host)),
+            [
+                "x-forwarded-for: 10.0.0.9",
+                "x-forwarded-proto: http",
+                "x-forwarded-host: api.example.com"
+            ]
+        );
+        // No Host from an untrusted client: its X-Forwarded-Host is dropped, none is sent.
+        assert_eq!(
+            written(false, None)[2..],
+            ["x-forwarded-host: (none)".to_string()]
+        );
+        // Trusted: the chain is extended; the client's other two are kept (not replaced).
+        assert_eq!(
+            written(true, Some(&host)),
+            ["x-forwarded-for: 1.2.3.4, 10.0.0.9"]
+        );
     }
 
     #[test]

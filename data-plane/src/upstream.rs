@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -186,6 +186,20 @@ pub enum SendError {
     Stale,
 }
 
+/// Headers meaningful only for one hop (RFC 9110 §7.6.1), never forwarded either way (those
+/// a `Connection` header names are hop-by-hop too).
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+];
+
 /// The head of a request to send.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
@@ -193,8 +207,14 @@ pub struct RequestHead<'a> {
     pub base: &'a str,
     pub path: &'a str,
     pub query: Option<&'a str>,
-    /// Every header to send, `Host` included; hop-by-hop headers already removed.
+    /// The `Host` header's value, sent first; a `Host` in `headers` is not sent.
+    pub host: &'a HeaderValue,
+    /// The client's headers, hop-by-hop ones already removed.
     pub headers: &'a HeaderMap,
+    /// The gateway's own headers: each name's value from `headers` is not sent, and the
+    /// given value (if any) is sent after them. A list, not map inserts: comparing names
+    /// while encoding costs less than hashing them into the map and growing it.
+    pub added: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
 }
 
 /// Sends a request on a pooled (or new) connection and reads the response head.
@@ -475,14 +495,23 @@ fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<BytesMut, SendEr
         out.extend_from_slice(query.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in head.headers {
-        if name == http::header::EXPECT {
-            continue;
-        }
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    field(&HOST, head.host);
+    for (name, value) in head.headers {
+        if name == HOST || name == EXPECT || head.added.iter().any(|(added, _)| *added == name) {
+            continue;
+        }
+        field(name, value);
+    }
+    for (name, value) in head.added {
+        if let Some(value) = value {
+            field(name, value);
+        }
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -578,10 +607,13 @@ fn parse_head(
         Version::HTTP_11
     };
     // Header positions, so the values can share the head's buffer instead of being copied.
-    // The headers that decide framing and reuse are read in the same pass (no lookups after).
+    // The headers that decide framing and reuse are read in the same pass (no lookups after),
+    // and hop-by-hop ones are left out there (they are never forwarded).
     let base = buf.as_ptr() as usize;
     let mut fields = Vec::with_capacity(response.headers.len());
     let (mut close, mut keep_alive_token) = (false, false);
+    // Other headers `Connection` names: hop-by-hop too (rare: most name only `keep-alive`).
+    let mut named: Vec<HeaderName> = Vec::new();
     // Some(whether the last coding is chunked) when Transfer-Encoding is present.
     let mut chunked = None;
     // The Content-Length values, all of which must agree; an invalid one is an error only if
@@ -600,6 +632,12 @@ fn parse_head(
                     let token = token.trim_ascii();
                     close |= token.eq_ignore_ascii_case(b"close");
                     keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                    if let Ok(token) = HeaderName::from_bytes(token)
+                        && token.as_str() != "close"
+                        && !HOP_BY_HOP.contains(&token)
+                    {
+                        named.push(token);
+                    }
                 }
             }
         } else if name == http::header::TRANSFER_ENCODING {
@@ -613,7 +651,9 @@ fn parse_head(
             has_length = true;
             length = length.and_then(|known| more_length(known, header.value));
         }
-        fields.push((name, start, start + header.value.len()));
+        if !HOP_BY_HOP.contains(&name) {
+            fields.push((name, start, start + header.value.len()));
+        }
     }
     // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers) without the
     // map growing (re-hashing every entry) on the way out.
@@ -623,6 +663,9 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| SendError::BadResponse(format!("value of {name}")))?;
         headers.append(name, value);
+    }
+    for name in named {
+        headers.remove(name);
     }
 
     // `close` always wins; HTTP/1.0 keeps the connection only when asked to.
@@ -908,6 +951,54 @@ mod tests {
         }
         assert_eq!(body.framing, Framing::Done, "body incomplete");
         Ok(out)
+    }
+
+    #[test]
+    fn heads_carry_the_gateway_headers_in_place_of_the_clients() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "client.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("expect", "100-continue"),
+            ("x-consumer-id", "spoofed"),
+            ("accept", "*/*"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let consumer = HeaderName::from_static("x-consumer-id");
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let head = RequestHead {
+            method: &Method::GET,
+            base: "/base",
+            path: "/p",
+            query: Some("q=1"),
+            host: &HeaderValue::from_static("upstream:80"),
+            headers: &headers,
+            added: &[(&xff, Some(&peer)), (&consumer, None)],
+        };
+        let encoded = encode_head(&head, true).expect("a sendable head");
+        assert_eq!(
+            std::str::from_utf8(&encoded).expect("ascii"),
+            "GET /base/p?q=1 HTTP/1.1\r\nhost: upstream:80\r\naccept: */*\r\n\
+             x-forwarded-for: 10.0.0.9\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn answers_leave_hop_by_hop_headers_out() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+             Keep-Alive: timeout=5\r\nX-Kept: 1\r\nTrailer: x\r\nUpgrade: h2c\r\n\
+             Content-Length: 0\r\n\r\n",
+        );
+        let (parts, framing, keep_alive) = parse_head(&mut buf, &Method::GET)
+            .expect("valid")
+            .expect("complete");
+        let mut names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!((framing, keep_alive), (Framing::Length(0), true));
     }
 
     #[test]
