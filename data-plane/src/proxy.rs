@@ -393,11 +393,12 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return value.clone();
         }
     }
-    let id: u128 = rand::random();
+    let id: [u8; 16] = rand::random();
     let mut buffer = [0u8; 32];
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in buffer.iter_mut().enumerate() {
-        *byte = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, byte) in buffer.chunks_exact_mut(2).zip(id) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0x0f)];
     }
     values::shared(&buffer).unwrap_or_else(|| HeaderValue::from_static("0"))
 }
@@ -527,6 +528,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         let generated = request_id(&headers);
         assert_eq!(generated.len(), 32);
+        assert!(generated.as_bytes().iter().all(u8::is_ascii_hexdigit));
         assert_ne!(request_id(&headers), generated);
         headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&headers), "abc-123");

@@ -79,13 +79,25 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, BadRequest> {
         return Err(BadRequest::Path("must start with '/'"));
     }
     // Most paths are already normal: visible ASCII without escapes or doubled slashes. The loop
-    // below would copy them unchanged.
-    let plain = bytes
-        .iter()
-        .all(|&byte| byte.is_ascii_graphic() && !matches!(byte, b'%' | b'\\' | b'?' | b'#'))
-        && !raw.contains("//");
+    // below would copy them unchanged. One pass also notes whether a segment starts with '.'
+    // (only then can there be a dot segment to refuse).
+    let (mut plain, mut dotted, mut previous) = (true, false, 0u8);
+    for &byte in bytes {
+        if !byte.is_ascii_graphic()
+            || matches!(byte, b'%' | b'\\' | b'?' | b'#')
+            || (previous == b'/' && byte == b'/')
+        {
+            plain = false;
+            break;
+        }
+        dotted |= previous == b'/' && byte == b'.';
+        previous = byte;
+    }
     if plain {
-        return without_dot_segments(raw).map(Cow::Borrowed);
+        if dotted {
+            without_dot_segments(raw)?;
+        }
+        return Ok(Cow::Borrowed(raw));
     }
     let mut normalized = String::with_capacity(raw.len());
     let mut index = 0;

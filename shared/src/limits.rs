@@ -6,9 +6,11 @@
 
 use crate::model::QuotaPeriod;
 
-/// Key of a consumer's plan rate limit (a sliding window: see [`window_keys`]).
+/// Key of a consumer's plan rate limit (a sliding window: see [`window_keys`]). Keys are
+/// built with `concat` (one allocation, no formatting machinery): the data plane builds its
+/// keys per request.
 pub fn plan_key(prefix: &str, consumer_id: &str) -> String {
-    format!("{{{prefix}}}:plan:{consumer_id}")
+    ["{", prefix, "}:plan:", consumer_id].concat()
 }
 
 /// The two Redis keys of the sliding window named `window_key`: a sorted set of the
@@ -17,7 +19,7 @@ pub fn plan_key(prefix: &str, consumer_id: &str) -> String {
 /// an earlier build (one sorted-set member per admission, under `window_key` itself) never
 /// read or prune them during a rolling upgrade.
 pub fn window_keys(window_key: &str) -> [String; 2] {
-    [format!("{window_key}|ms"), format!("{window_key}|n")]
+    [[window_key, "|ms"].concat(), [window_key, "|n"].concat()]
 }
 
 /// Admissions in the sliding window whose keys are `KEYS` ([`window_keys`]) that are later
@@ -45,22 +47,16 @@ return used
 
 /// Key of a consumer's quota counter for the period named by `stamp`.
 pub fn quota_key(prefix: &str, consumer_id: &str, stamp: &str) -> String {
-    format!("{{{prefix}}}:quota:{consumer_id}:{stamp}")
+    ["{", prefix, "}:quota:", consumer_id, ":", stamp].concat()
 }
 
 /// Key of a route's own rate limit; `scope` is empty (whole route), `ip:<addr>` or `c:<id>`.
-/// Built in one allocation: the data plane makes one per request.
 pub fn route_key(prefix: &str, route_id: &str, scope: &str) -> String {
-    let mut key = String::with_capacity(prefix.len() + route_id.len() + scope.len() + 10);
-    key.push('{');
-    key.push_str(prefix);
-    key.push_str("}:route:");
-    key.push_str(route_id);
-    if !scope.is_empty() {
-        key.push(':');
-        key.push_str(scope);
+    if scope.is_empty() {
+        ["{", prefix, "}:route:", route_id].concat()
+    } else {
+        ["{", prefix, "}:route:", route_id, ":", scope].concat()
     }
-    key
 }
 
 /// End of the calendar period holding `now_ms`, in Unix ms, and a stamp naming the period.
