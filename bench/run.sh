@@ -72,6 +72,10 @@
 #   SKIP_INSTALL=1  never call apt-get
 #   PORT_OFFSET=0   added to every port below (0-999), when another instance holds them
 #   REDIS_TIMEOUT_MS=100  the data plane's Redis timeout for tollgate-auth-limit
+#   INSTRUCTIONS=1  afterwards, count user-space instructions per request of each proxy with
+#                   valgrind's callgrind (installed if missing): repeatable where timings are
+#                   not (see the section "instructions" below); IR_WARMUP=3 and IR_DUR=5
+#                   seconds per target
 #
 # Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18083 18090 18091 18092 18095,
 # and 18379 (redis-server) with tollgate-auth-limit (all must be free; the script refuses to start
@@ -346,18 +350,22 @@ if [[ -n "$WITH_REDIS" ]]; then
     TOLLGATE_REDIS_TIMEOUT_MS="${REDIS_TIMEOUT_MS:-100}")
 fi
 
-start tollgate env \
-  TOLLGATE_CONTROL_PLANE_URL="http://127.0.0.1:$TG_CLUSTER_PORT" \
-  TOLLGATE_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
-  TOLLGATE_PROXY_LISTEN="127.0.0.1:$TG_PROXY_PORT" \
-  TOLLGATE_STATUS_LISTEN="127.0.0.1:$TG_STATUS_PORT" \
-  TOLLGATE_DATA_DIR="$STATE/dp" \
-  TOLLGATE_WORKER_THREADS=1 \
-  TOLLGATE_LOG=warn \
-  ${REDIS_ENV[@]+"${REDIS_ENV[@]}"} \
-  "$TOLLGATE_BIN" data-plane
-wait_for "tollgate data plane /readyz" 60 http_200 "http://127.0.0.1:$TG_STATUS_PORT/readyz"
-wait_for "tollgate proxy answering ok" 30 answers_ok "http://127.0.0.1:$TG_PROXY_PORT/"
+# start_data_plane NAME [WRAPPER...]: the data plane, run by WRAPPER (valgrind) when given.
+start_data_plane() {
+  start "$1" env \
+    TOLLGATE_CONTROL_PLANE_URL="http://127.0.0.1:$TG_CLUSTER_PORT" \
+    TOLLGATE_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
+    TOLLGATE_PROXY_LISTEN="127.0.0.1:$TG_PROXY_PORT" \
+    TOLLGATE_STATUS_LISTEN="127.0.0.1:$TG_STATUS_PORT" \
+    TOLLGATE_DATA_DIR="$STATE/dp" \
+    TOLLGATE_WORKER_THREADS=1 \
+    TOLLGATE_LOG=warn \
+    ${REDIS_ENV[@]+"${REDIS_ENV[@]}"} \
+    "${@:2}" "$TOLLGATE_BIN" data-plane
+  wait_for "tollgate data plane /readyz" 120 http_200 "http://127.0.0.1:$TG_STATUS_PORT/readyz"
+  wait_for "tollgate proxy answering ok" 60 answers_ok "http://127.0.0.1:$TG_PROXY_PORT/"
+}
+start_data_plane tollgate
 
 # redis_calls: "ALL SCRIPT" - summed calls= of every cmdstat line except info (ALL) and of
 # evalsha + eval (SCRIPT), from INFO commandstats of our redis-server.
@@ -398,7 +406,7 @@ if [[ -n "$WITH_REDIS" ]]; then
     read -r _ after <<<"$(redis_calls)"
     ((after > before))
   }
-  wait_for "tollgate /limited answering ok with the key, through Redis" 30 limited_ok_via_redis
+  wait_for "tollgate /limited answering ok with the key, through Redis" 60 limited_ok_via_redis
   code=$(status_of "${URL[tollgate-auth-limit]}")
   [[ "$code" == 401 ]] || die "tollgate /limited without a key answered $code, expected 401"
   code=$(status_of "${URL[tollgate-auth-limit]}" -H "X-API-Key: tg_not-a-real-key")
@@ -592,5 +600,82 @@ fi
 if awk 'NR > 1 && $2 == "tollgate-auth-limit" && ($13 != 0 || $12 <= 0) {found = 1} END {exit !found}' "$RUNS"; then
   log "WARNING: some tollgate-auth-limit requests did not reach Redis (limiter_degraded > 0 or" \
     "no script call at all; see $RUNS)"
+fi
+
+# ------------------------------------------------------------------------------------ instructions
+# INSTRUCTIONS=1: user-space instructions per request of each proxy, counted by valgrind's
+# callgrind. Unlike time, the count does not depend on what else the machine (or the
+# hypervisor) is doing: the same binary under the same load counts the same to about 1%, so
+# it compares builds and proxies on a noisy virtual machine where rps and CPU-us do not.
+# Kernel time (syscalls, TCP) is not counted. The nginx proxy and the data plane are
+# restarted under valgrind (nginx with master_process off, so that its one process is the
+# worker), each target is loaded for IR_WARMUP seconds, then counted over IR_DUR seconds of
+# wrk -t1 -c4 (valgrind runs about 50x slower: few connections keep the latency sane).
+if [[ -n "${INSTRUCTIONS:-}" ]]; then
+  if ! command -v valgrind >/dev/null; then
+    [[ -z "${SKIP_INSTALL:-}" ]] || die "valgrind is needed for INSTRUCTIONS=1 (SKIP_INSTALL is set)"
+    log "installing valgrind"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y valgrind
+  fi
+  IR_WARMUP=${IR_WARMUP:-3}
+  IR_DUR=${IR_DUR:-5}
+  IR_OUT=$BENCH_DIR/callgrind
+  mkdir -p "$IR_OUT"
+  stop() { # NAME: stops a server started here and waits for it to exit
+    kill -TERM "${PID[$1]}" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "${PID[$1]}" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "${PID[$1]}" 2>/dev/null || true
+  }
+  callgrind() { echo valgrind --tool=callgrind "--callgrind-out-file=$IR_OUT/$1.%p"; }
+  sed 's/^worker_processes 1;/worker_processes 1;\nmaster_process off;/' "$CONF/proxy-nginx.conf" \
+    >"$CONF/proxy-nginx-callgrind.conf"
+  stop nginx
+  # shellcheck disable=SC2046 # the valgrind command line is split on purpose
+  start nginx $(callgrind nginx) nginx -p "$STATE" -c "$CONF/proxy-nginx-callgrind.conf"
+  wait_for "nginx proxy under valgrind" 60 answers_ok "${URL[nginx]}"
+  stop tollgate
+  # shellcheck disable=SC2046
+  start_data_plane tollgate $(callgrind tollgate)
+  if [[ -n "$WITH_REDIS" ]]; then
+    wait_for "tollgate /limited through Redis, under valgrind" 60 limited_ok_via_redis
+  fi
+  # instructions TARGET: "REQUESTS INSTRUCTIONS" of one counted run
+  instructions() {
+    local pid=${PROXY_PID[$1]} header=() before dump
+    [[ -z "${WRK_HEADER[$1]}" ]] || header=(-H "${WRK_HEADER[$1]}")
+    taskset -c "$CLIENT_CPU" wrk -t1 -c4 -d"${IR_WARMUP}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
+      >"$RAW/callgrind-warmup-$1.txt" 2>&1
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    taskset -c "$CLIENT_CPU" wrk -t1 -c4 -d"${IR_DUR}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
+      >"$RAW/callgrind-$1.txt" 2>&1 || die "wrk failed against $1 (under valgrind)"
+    before=$(find "$IR_OUT" -name "*.$pid.*" | wc -l)
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    for _ in $(seq 50); do
+      (($(find "$IR_OUT" -name "*.$pid.*" | wc -l) > before)) && break
+      sleep 0.1
+    done
+    dump=$(ls -t "$IR_OUT"/*."$pid".* | head -n 1)
+    mv "$dump" "$IR_OUT/$1.counted"
+    printf '%s %s\n' "$(awk '/requests in/ {print $1}' "$RAW/callgrind-$1.txt")" \
+      "$(awk '/^(summary|totals):/ {print $2; exit}' "$IR_OUT/$1.counted")"
+  }
+  PROXY_PID[nginx]=${PID[nginx]}
+  PROXY_PID[nginx-fwd]=${PID[nginx]}
+  PROXY_PID[tollgate]=${PID[tollgate]}
+  PROXY_PID[tollgate-auth-limit]=${PID[tollgate]}
+  declare -A IR
+  {
+    echo
+    echo "user-space instructions per request (callgrind; wrk -t1 -c4, ${IR_DUR}s per target)"
+    printf '%-19s %10s %14s %9s\n' target requests instr/req vs_nginx
+    for t in "${TARGETS[@]}"; do
+      [[ "$t" != direct ]] || continue
+      read -r n ir <<<"$(instructions "$t")"
+      IR[$t]=$(awk -v i="$ir" -v n="$n" 'BEGIN { if (n > 0) printf "%.0f", i / n; else print "-" }')
+      printf '%-19s %10s %14s %9s\n' "$t" "$n" "${IR[$t]}" "$(ratio "${IR[$t]}" "${IR[nginx]:--}")"
+    done
+    echo "(the counted dumps are in $IR_OUT: callgrind_annotate shows where the instructions go)"
+  } | tee -a "$BENCH_DIR/table.txt"
 fi
 log "raw outputs in $BENCH_DIR"
