@@ -200,7 +200,7 @@ pub struct Identity {
     /// Headers to add upstream (forwarded claims).
     pub forward: Vec<(HeaderName, HeaderValue)>,
     /// Credential headers to remove before forwarding.
-    pub strip: Vec<HeaderName>,
+    pub strip: [Option<HeaderName>; 2],
 }
 
 impl RouteAuth {
@@ -258,7 +258,9 @@ impl RouteAuth {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        let mut strip = Vec::with_capacity(2);
+        // The API-key header, and `Authorization` when the credential came in it: at most two,
+        // kept without an allocation.
+        let mut strip = [None, None];
         let mut identity = None;
         if let Some(header) = &self.api_key_header {
             let presented = headers
@@ -267,9 +269,9 @@ impl RouteAuth {
                 .map(str::trim);
             let from_bearer = bearer.filter(|b| !looks_like_jwt(b) || self.issuers.is_empty());
             if let Some(secret) = presented.or(from_bearer) {
-                strip.push(header.clone());
+                strip[0] = Some(header.clone());
                 if presented.is_none() {
-                    strip.push(AUTHORIZATION);
+                    strip[1] = Some(AUTHORIZATION);
                 }
                 let consumer = keys
                     .lookup(secret, now_ms)
@@ -277,7 +279,7 @@ impl RouteAuth {
                 identity = Some(Identity {
                     consumer: Some(consumer.clone()),
                     forward: Vec::new(),
-                    strip: Vec::new(),
+                    strip: [None, None],
                 });
             }
         }
@@ -285,7 +287,7 @@ impl RouteAuth {
             && !self.issuers.is_empty()
             && let Some(token) = bearer.filter(|b| looks_like_jwt(b))
         {
-            strip.push(AUTHORIZATION);
+            strip[1] = Some(AUTHORIZATION);
             // On the heap: a JWKS fetch makes this future large, and the API-key path, which
             // never awaits, should not carry (and move) its size.
             identity = Some(Box::pin(self.verify_jwt(token, now_ms)).await?);
@@ -329,7 +331,7 @@ impl RouteAuth {
         Ok(Identity {
             consumer,
             forward,
-            strip: Vec::new(),
+            strip: [None, None],
         })
     }
 

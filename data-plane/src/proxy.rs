@@ -183,19 +183,18 @@ async fn proxy(
     let consumer = identity.as_ref().and_then(|i| i.consumer.as_deref());
     let (strip, forward) = identity
         .as_ref()
-        .map_or((&[][..], &[][..]), |i| (&i.strip[..], &i.forward[..]));
+        .map_or((&[None, None], &[][..]), |i| (&i.strip, &i.forward[..]));
     let forwarded = Forwarded::new(
         headers,
         shared.is_trusted(peer.ip()),
         peer_value,
         host_header.as_ref(),
     );
-    let mut added: Vec<(&HeaderName, Option<&HeaderValue>)> =
-        Vec::with_capacity(6 + strip.len() + forward.len());
+    let mut added: Vec<(&HeaderName, Option<&HeaderValue>)> = Vec::with_capacity(8 + forward.len());
     // Consumer headers come from the gateway only, never from the client.
     added.push((&X_CONSUMER_ID, consumer.map(|c| &c.id_header)));
     added.push((&X_CONSUMER_USERNAME, consumer.map(|c| &c.username_header)));
-    added.extend(strip.iter().map(|name| (name, None)));
+    added.extend(strip.iter().flatten().map(|name| (name, None)));
     added.extend(forward.iter().map(|(name, value)| (name, Some(value))));
     forwarded.add_to(&mut added);
     added.push((&X_REQUEST_ID, Some(request_id)));
