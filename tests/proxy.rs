@@ -256,13 +256,34 @@ async fn forwarding_semantics() {
         id.as_str()
     );
 
-    // preserve_host forwards the client's Host.
-    let (status, _, _) = s.get("/keep/x", &[("Host", "api.example.com")]).await;
+    // preserve_host forwards the client's Host. A route without transforms writes the
+    // gateway's headers after the client's while encoding: each still goes exactly once, in
+    // place of the client's.
+    let (status, _, _) = s
+        .get(
+            "/keep/x",
+            &[
+                ("Host", "api.example.com"),
+                ("X-Forwarded-For", "1.2.3.4"),
+                ("X-Forwarded-Host", "spoofed.example"),
+                ("X-Consumer-Id", "mallory"),
+                ("X-Request-Id", "keep-id"),
+            ],
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(
-        s.upstream.requests().pop().expect("seen").headers["host"],
-        "api.example.com"
-    );
+    let seen = s.upstream.requests().pop().expect("seen");
+    for (name, value) in [
+        ("host", "api.example.com"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-host", "api.example.com"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "keep-id"),
+    ] {
+        let values: Vec<_> = seen.headers.get_all(name).iter().collect();
+        assert_eq!(values, [value], "{name}");
+    }
+    assert!(!seen.headers.contains_key("x-consumer-id"));
     let (status, body, _) = s.get("/keep", &[]).await;
     assert_eq!(
         (status, body["path"].as_str()),
