@@ -784,6 +784,8 @@ async fn raw_upstream() -> (
                         "/raw/then-close" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce", true),
                         // A HEAD answer: the length of the body it would have, and no body.
                         "/raw/head" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+                        // Hop-by-hop headers, one of them named by Connection.
+                        "/raw/hop" => (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: secret\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok", false),
                         "/raw/truncated" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", true),
                         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
                     };
@@ -817,6 +819,13 @@ async fn upstream_framing_and_connection_reuse() {
     assert_eq!((status, body.expect("body").as_str()), (200, "hello world"));
     assert!(headers.get("content-length").is_none(), "{headers:?}");
     assert!(headers.get("x-trailer").is_none());
+    // Hop-by-hop headers of the answer stay with the upstream's hop.
+    let (status, body, headers) = text("/raw/hop").await;
+    assert_eq!((status, body.expect("body").as_str()), (200, "ok"));
+    assert_eq!(headers.get("x-kept").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    for hop in ["x-hop", "keep-alive", "connection"] {
+        assert!(headers.get(hop).is_none(), "{hop}: {headers:?}");
+    }
     // Interim responses are skipped.
     let (status, body, _) = text("/raw/early-hints").await;
     assert_eq!((status, body.expect("body").as_str()), (200, "final"));
