@@ -1043,6 +1043,25 @@ async fn header_timeout_cuts_slow_heads_and_idle_connections_but_not_slow_reques
         closed >= TIMEOUT - Duration::from_millis(50),
         "cut early: {closed:?}"
     );
+    // On a kept-alive connection, a next head that never completes is cut the same way,
+    // counted from the answer before it.
+    let mut again = TcpStream::connect(s.dp.proxy).await.expect("connect");
+    again
+        .write_all(b"GET /t/first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_response(&mut again).await.starts_with("HTTP/1.1 200"));
+    again
+        .write_all(b"GET /t/slowloris-again HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .expect("write");
+    let closed = closed_within(&mut again, Duration::from_secs(5))
+        .await
+        .expect("a second head that never completes is cut");
+    assert!(
+        closed >= TIMEOUT - Duration::from_millis(50),
+        "cut early: {closed:?}"
+    );
     // A connection that never sends anything is cut too.
     let mut silent = TcpStream::connect(s.dp.proxy).await.expect("connect");
     assert!(

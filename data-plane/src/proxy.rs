@@ -58,7 +58,7 @@ pub fn handle(
     peer: SocketAddr,
     peer_value: HeaderValue,
     request: Request<Incoming>,
-    in_flight: Option<Tracking>,
+    in_flight: Tracking,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     let (mut parts, body) = request.into_parts();
     async move {
@@ -93,7 +93,7 @@ async fn proxy(
     parts: &mut http::request::Parts,
     mut body: Incoming,
     request_id: &HeaderValue,
-    in_flight: Option<Tracking>,
+    in_flight: Tracking,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
     let content_length = parts
@@ -284,7 +284,7 @@ async fn proxy(
                 }
                 return Ok(Response::from_parts(
                     head,
-                    Tracked::new(Either::Left(body), in_flight),
+                    Tracked::new(Either::Left(body), Some(in_flight)),
                 ));
             }
         }

@@ -37,9 +37,9 @@ const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
 pub struct ConnectionLimits {
     /// Largest request head; larger gets 431.
     pub max_header_bytes: usize,
-    /// Longest wait for a complete HTTP/1 request head (hyper's timer), for a new connection
-    /// to show its protocol, and for an HTTP/2 connection with no stream open (the
-    /// [`crate::watchdog`]).
+    /// Longest a connection may go with no request in flight: for a new connection to show
+    /// its protocol, an HTTP/1 connection to send its next complete head (idle keep-alive
+    /// included), an HTTP/2 connection with no stream open (the [`crate::watchdog`]).
     pub header_timeout: Duration,
     /// Longest a write to the client may wait for it to read (the watchdog).
     pub send_timeout: Duration,
@@ -55,14 +55,13 @@ pub async fn serve_proxy(
     cancel: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // HTTP/1 heads (and idle keep-alive): hyper's header timeout. The start of a connection
-    // and HTTP/2: the watchdog.
+    // Heads and idle connections are timed by the watchdog, for both protocols: hyper's HTTP/1
+    // header timer would make and drop a boxed timer per request (see `watchdog.rs`).
     builder
         .http1()
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes)
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -91,7 +90,7 @@ pub async fn serve_proxy(
                 let service = service_fn({
                     let activity = activity.clone();
                     move |request: Request<Incoming>| {
-                        let in_flight = activity.request(request.version());
+                        let in_flight = activity.request();
                         crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
                     }
                 });
@@ -112,7 +111,7 @@ pub async fn serve_proxy(
                     match ended.await {
                         Ok(Ended::Done) => {}
                         Ok(Ended::HeaderTimeout) => {
-                            tracing::debug!(%peer, "closed: idle past the header timeout (HTTP/2: GOAWAY)");
+                            tracing::debug!(%peer, "closed: no request within the header timeout (HTTP/2: GOAWAY)");
                         }
                         Ok(Ended::SendTimeout) => {
                             tracing::debug!(%peer, "closed: the client read nothing within the send timeout");
