@@ -9,7 +9,8 @@
 //! - [`health`]: active health checks of upstream targets.
 //! - [`server`]: the proxy and status listeners.
 //! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
-//! - [`watchdog`]: the header timeout (slowloris guard), one timer per connection.
+//! - [`watchdog`]: header, idle, send and body timeouts (slowloris guard), one timer per
+//!   connection.
 //! - [`proxy`]: the request pipeline, phase by phase.
 //! - [`auth`], [`jwt`]: API-key and JWT authentication.
 //! - [`limiter`]: rate limits and quotas (Redis script or memory) and failure policies.
