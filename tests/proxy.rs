@@ -463,6 +463,14 @@ async fn weighted_round_robin_and_upstream_errors() {
         started.elapsed() < Duration::from_millis(1500),
         "timed out at the route's limit"
     );
+    // Each request has its own deadline: on a connection whose previous request timed out,
+    // or answered fast, the next one is timed afresh.
+    for (path, expected) in [("/slow/10", 200), ("/slow/2000", 504), ("/slow/10", 200)] {
+        let started = std::time::Instant::now();
+        let (status, _, _) = s.get(path, &[]).await;
+        assert_eq!(status, expected, "{path}");
+        assert!(started.elapsed() < Duration::from_millis(1500), "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
