@@ -27,7 +27,7 @@
 //!   for less than the timeout → sleep until the timeout is up; otherwise close.
 //!
 //! So a connection is closed between `timeout` and `timeout` + a few ms after its last
-//! request ended (or after it was accepted). Per request this costs two atomic updates and a
+//! request ended (or after it was accepted). Per request this costs a few atomic updates and a
 //! clock read; hyper's HTTP/1 header timer, which the proxy used before, made and dropped a
 //! boxed timer per request: about 1 300 instructions per request (callgrind), 6% of a proxied
 //! request. (A paired wall-clock A/B of an earlier watchdog for HTTP/1, which polled its timer
