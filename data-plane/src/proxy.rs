@@ -292,8 +292,10 @@ async fn proxy(
     Err(last_error)
 }
 
+/// Removes a request's hop-by-hop headers (an upstream's answer leaves them out while it is
+/// parsed, in `upstream.rs`).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names notes which hop-by-hop headers are there (most messages carry
+    // One pass over the names notes which hop-by-hop headers are there (most requests carry
     // none, or only `Connection`): each present one then costs one removal, the others none.
     let mut present = 0u16;
     for name in headers.keys() {
@@ -305,20 +307,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Headers the Connection header names are hop-by-hop too. Those that are hop-by-hop by
-    // name go below anyway; most messages name no other (`Connection: keep-alive`, as upstreams
-    // answer), and then nothing is collected or allocated.
+    // name go below anyway; most requests name no other (`Connection: keep-alive`), and then
+    // nothing is collected or allocated.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|name| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
-        })
-        .filter_map(|name| HeaderName::try_from(name).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(upstream::named_by_connection)
         .collect();
     for name in named {
         headers.remove(name);

@@ -200,6 +200,14 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::UPGRADE,
 ];
 
+/// The header a `Connection` list item names, when it is one to remove beyond
+/// [`HOP_BY_HOP`] (RFC 9110 §7.6.1); `None` for hop-by-hop names (`keep-alive` among them)
+/// and for items that are no header name. Used for requests and answers alike.
+pub fn named_by_connection(item: &[u8]) -> Option<HeaderName> {
+    let name = HeaderName::from_bytes(item.trim_ascii()).ok()?;
+    (!HOP_BY_HOP.contains(&name)).then_some(name)
+}
+
 /// The head of a request to send.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
@@ -632,12 +640,7 @@ fn parse_head(
                     let token = token.trim_ascii();
                     close |= token.eq_ignore_ascii_case(b"close");
                     keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-                    if let Ok(token) = HeaderName::from_bytes(token)
-                        && token.as_str() != "close"
-                        && !HOP_BY_HOP.contains(&token)
-                    {
-                        named.push(token);
-                    }
+                    named.extend(named_by_connection(token));
                 }
             }
         } else if name == http::header::TRANSFER_ENCODING {
