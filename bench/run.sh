@@ -484,8 +484,14 @@ ROW='%-5s %-19s %10s %8s %8s %14s %14s %12s %14s %11s %8s %6s  %s\n'
 # shellcheck disable=SC2059 # the format is ROW
 printf "$ROW" round target rps p50_ms p99_ms proxy_us/req upstream_us/req redis_us/req \
   redis_cmds/req evalsha/req degraded steal% errors
+# Odd rounds run the targets in the given order, even rounds in reverse: a machine that speeds
+# up or slows down during a round favours no target over a whole run.
+REVERSED=()
+for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do REVERSED+=("${TARGETS[i]}"); done
 for ((r = 1; r <= ROUNDS; r++)); do
-  for t in "${TARGETS[@]}"; do
+  order=("${TARGETS[@]}")
+  ((r % 2)) || order=("${REVERSED[@]}")
+  for t in "${order[@]}"; do
     out=$RAW/$t.round$r.txt
     pp=${PROXY_PID[$t]}
     with_redis=""
@@ -541,16 +547,26 @@ median_of() { # TARGET COLUMN (of runs.txt)
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 # TARGET COLUMN [BASE]: the ratio TARGET/BASE (nginx by default) of COLUMN within each round
-# (both ran minutes apart at most, so slow drift of a shared machine cancels out), as
-# "median (min-max)".
+# (both ran seconds apart, so the drift of a shared machine mostly cancels out), as
+# "median (min-max over N rounds); mean G, 95% CI L-H": G is the geometric mean of the
+# rounds' ratios and L-H its 95% confidence interval (Student's t on the logarithms), so a
+# target is met only when the whole interval is on the right side of it.
 paired() {
   awk -v t="$1" -v c="$2" -v b="${3:-nginx}" 'NR > 1 && $2 == b && $c + 0 > 0 {base[$1] = $c}
-    NR > 1 && $2 == t {value[$1] = $c}
+    NR > 1 && $2 == t && $c + 0 > 0 {value[$1] = $c}
     END {for (r in value) if (r in base) print value[r] / base[r]}' "$RUNS" |
-    sort -g | awk '{v[NR] = $1} END {
+    sort -g | awk '{v[NR] = $1; l = log($1); s += l; ss += l * l} END {
       if (NR == 0) {print "-"; exit}
       m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-      printf "%.2f (%.2f-%.2f over %d rounds)", m, v[1], v[NR], NR }'
+      printf "%.2f (%.2f-%.2f over %d rounds)", m, v[1], v[NR], NR
+      if (NR < 3) exit
+      mean = s / NR; var = (ss - NR * mean * mean) / (NR - 1); if (var < 0) var = 0
+      # two-sided 95% t quantiles by degrees of freedom (n - 1), rounded down to the nearest listed
+      df = NR - 1
+      t = df >= 120 ? 1.98 : df >= 60 ? 2.00 : df >= 40 ? 2.02 : df >= 30 ? 2.04 : df >= 20 ? 2.09 \
+        : df >= 15 ? 2.13 : df >= 10 ? 2.23 : df >= 7 ? 2.36 : df >= 5 ? 2.57 : df >= 3 ? 3.18 : 4.30
+      half = t * sqrt(var / NR)
+      printf "; mean %.2f, 95%% CI %.2f-%.2f", exp(mean), exp(mean - half), exp(mean + half) }'
 }
 
 fmt() { # PRINTF-FORMAT VALUE: VALUE formatted, or as is when it is not a number ("-")
