@@ -1458,3 +1458,91 @@ async fn shutdown_finishes_requests_in_flight_and_says_goaway_to_idle_http2() {
         "the listener is closed"
     );
 }
+
+/// HTTP/1.1 bodyless requests are served by the proxy's own loop (`lane.rs`), anything else by
+/// hyper, to which the lane hands the connection: on one connection, pipelined requests of
+/// both kinds are answered in order, the body after the hand-off reaches the upstream, and the
+/// answers are framed alike (Date, Content-Length, keep-alive) on both sides of the hand-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_and_hyper_share_a_connection() {
+    let s = setup(&[json!({"name": "public", "paths": ["/public"], "upstream": "u"})]).await;
+    let mut stream = raw_connection(
+        s.dp.proxy,
+        concat!(
+            "GET /public/one HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+            "POST /public/two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /public/three HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let text = read_response(&mut stream).await;
+        // read_response may have read into the next answer: split them.
+        let mut rest = text.as_str();
+        while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+            let length = content_length_of(head);
+            answers.push((
+                head.to_string(),
+                after[..length.min(after.len())].to_string(),
+            ));
+            rest = &after[length.min(after.len())..];
+        }
+    }
+    let statuses: Vec<&str> = answers
+        .iter()
+        .map(|(head, _)| head.lines().next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK"
+        ]
+    );
+    for (head, body) in &answers {
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("\r\ndate: "), "{head}");
+        assert!(lower.contains("\r\nx-request-id: "), "{head}");
+        assert_eq!(content_length_of(head), body.len(), "{head}");
+    }
+    assert!(
+        answers[1].1.contains("\"code\":\"no_route\""),
+        "{}",
+        answers[1].1
+    );
+    assert!(
+        answers[2].1.contains("\"body_bytes\":5"),
+        "{}",
+        answers[2].1
+    );
+    assert!(answers[3].1.contains("/public/three"), "{}", answers[3].1);
+    let paths: Vec<String> = s.upstream.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/public/one", "/public/two", "/public/three"]);
+
+    // A head that arrives in pieces is served once complete; HEAD answers carry no body.
+    use tokio::io::AsyncWriteExt;
+    let mut stream = raw_connection(s.dp.proxy, b"HEAD /public/four HT").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(b"TP/1.1\r\nHost: x\r\n\r\nGET /public/five HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_response(&mut stream).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(content_length_of(head) > 0, "HEAD keeps the length: {head}");
+    let rest = if rest.is_empty() {
+        read_response(&mut stream).await
+    } else {
+        rest.to_string()
+    };
+    assert!(
+        rest.starts_with("HTTP/1.1 200 OK\r\n"),
+        "no body after HEAD's head: {rest}"
+    );
+}

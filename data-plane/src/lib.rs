@@ -25,6 +25,7 @@ pub mod error;
 pub mod framing;
 pub mod health;
 pub mod jwt;
+pub mod lane;
 pub mod limiter;
 pub mod persist;
 pub mod proxy;

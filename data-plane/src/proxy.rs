@@ -60,7 +60,21 @@ pub fn handle(
     request: Request<Incoming>,
     in_flight: Tracking,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
+    handle_parts(shared, peer, peer_value, parts, Some(body), in_flight)
+}
+
+/// [`handle`] for a request already split (no body: `None`), as the HTTP/1 fast lane
+/// (`lane.rs`) makes them. An `async` block, not an `async fn`: see [`handle`].
+#[allow(clippy::manual_async_fn)]
+pub fn handle_parts(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    peer_value: HeaderValue,
+    mut parts: http::request::Parts,
+    body: Option<Incoming>,
+    in_flight: Tracking,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     async move {
         let request_id = request_id(&parts.headers);
         let forwarded = proxy(
@@ -91,7 +105,7 @@ async fn proxy(
     peer: SocketAddr,
     peer_value: &HeaderValue,
     parts: &mut http::request::Parts,
-    mut body: Incoming,
+    mut body: Option<Incoming>,
     request_id: &HeaderValue,
     in_flight: Tracking,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -103,7 +117,9 @@ async fn proxy(
         .and_then(|v| v.parse::<u64>().ok());
     // Whatever the framing (Content-Length, chunked, or HTTP/2 DATA frames without a length),
     // a body is there unless the stream already ended.
-    let has_body = !hyper::body::Body::is_end_stream(&body);
+    let has_body = body
+        .as_ref()
+        .is_some_and(|body| !hyper::body::Body::is_end_stream(body));
 
     let host_header: Option<HeaderValue> = match parts.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
@@ -132,7 +148,9 @@ async fn proxy(
     if let (Some(max), Some(length)) = (route.max_body_bytes, content_length)
         && length > max
     {
-        Box::pin(crate::config::discard_body(&mut body)).await;
+        if let Some(body) = body.as_mut() {
+            Box::pin(crate::config::discard_body(body)).await;
+        }
         return Err(ProxyError::BodyTooLarge(max));
     }
 
@@ -222,7 +240,7 @@ async fn proxy(
     let query = parts.uri.query();
     // HTTP/1 bodies that stall close their connection (the watchdog); an HTTP/2 stream's
     // body is timed on its own and answered 408.
-    let mut body: Option<CappedBody> = has_body.then(|| {
+    let mut body: Option<CappedBody> = body.filter(|_| has_body).map(|body| {
         let capped = CappedBody::new(body, route.max_body_bytes);
         if parts.version == Version::HTTP_2 {
             capped.with_stall_timeout(shared.body_timeout)

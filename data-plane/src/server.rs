@@ -2,6 +2,7 @@
 //! endpoints (`/healthz`, `/readyz`, `/metrics`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::framing::Guarded;
+use crate::lane::Lane;
 use crate::state::Shared;
 use crate::watchdog::{Activity, Ended, Timeouts, watch};
 
@@ -54,19 +56,32 @@ pub async fn serve_proxy(
     limits: ConnectionLimits,
     cancel: CancellationToken,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 connections go to the fast lane (`lane.rs`), which hands what it does not serve to
+    // hyper's HTTP/1 server; a connection whose first bytes may be HTTP/2's preface goes to
+    // hyper-util's auto builder (see `opening`).
+    let mut http1 = hyper::server::conn::http1::Builder::new();
     // Heads and idle connections are timed by the watchdog, for both protocols: hyper's HTTP/1
     // header timer would make and drop a boxed timer per request (see `watchdog.rs`).
-    builder
-        .http1()
+    http1
         .keep_alive(true)
         .max_buf_size(limits.max_header_bytes)
         .header_read_timeout(None);
-    builder
-        .http2()
+    let http1 = Arc::new(http1);
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http1()
+        .keep_alive(true)
+        .max_buf_size(limits.max_header_bytes)
+        .header_read_timeout(None);
+    auto.http2()
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW);
+    let auto = Arc::new(auto);
+    let timeouts = Timeouts {
+        idle: limits.header_timeout,
+        send: limits.send_timeout,
+        body: limits.body_timeout,
+    };
     // Every connection task holds a clone; shutdown waits for them to be dropped.
     let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
@@ -87,28 +102,55 @@ pub async fn serve_proxy(
                 let peer_value = http::HeaderValue::from_str(&peer.ip().to_canonical().to_string())
                     .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
                 let activity = Activity::new();
-                let service = service_fn({
-                    let activity = activity.clone();
-                    move |request: Request<Incoming>| {
-                        let in_flight = activity.request();
-                        crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
-                    }
-                });
-                let stream = TokioIo::new(Guarded::new(stream, activity.clone()));
-                let connection = builder.serve_connection(stream, service).into_owned();
+                let (http1, auto) = (http1.clone(), auto.clone());
                 let cancel = cancel.clone();
                 let live = live.clone();
                 tokio::spawn(async move {
                     let _live = live;
-                    let timeouts = Timeouts {
-                        idle: limits.header_timeout,
-                        send: limits.send_timeout,
-                        body: limits.body_timeout,
+                    // The wait for the first bytes is part of the header timeout (the watchdog
+                    // counts from the accept, so the two together never exceed it).
+                    let opening = tokio::select! {
+                        opening = tokio::time::timeout(limits.header_timeout, opening(&stream)) => opening,
+                        () = cancel.cancelled() => return,
                     };
-                    let ended = watch(connection, activity, timeouts, cancel, |connection| {
-                        connection.graceful_shutdown();
-                    });
-                    match ended.await {
+                    let io = Guarded::new(stream, activity.clone());
+                    let ended = match opening {
+                        Ok(Opening::Http1) => {
+                            let closing = Arc::new(AtomicBool::new(false));
+                            let lane = Lane {
+                                shared,
+                                peer,
+                                peer_value,
+                                activity: activity.clone(),
+                                http1,
+                                closing: closing.clone(),
+                            };
+                            let connection = crate::lane::serve(io, lane, limits.max_header_bytes);
+                            watch(connection, activity, timeouts, cancel, |_| {
+                                closing.store(true, Ordering::Relaxed);
+                            })
+                            .await
+                            .map_err(|error| error.to_string())
+                        }
+                        Ok(Opening::Undecided) => {
+                            let service = service_fn({
+                                let activity = activity.clone();
+                                move |request: Request<Incoming>| {
+                                    let in_flight = activity.request();
+                                    crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
+                                }
+                            });
+                            let connection = auto.serve_connection(TokioIo::new(io), service).into_owned();
+                            watch(connection, activity, timeouts, cancel, |connection| {
+                                connection.graceful_shutdown();
+                            })
+                            .await
+                            .map_err(|error| error.to_string())
+                        }
+                        Ok(Opening::Gone) => Ok(Ended::Done),
+                        Err(_) => Ok(Ended::HeaderTimeout),
+                    };
+                    match ended {
                         Ok(Ended::Done) => {}
                         Ok(Ended::HeaderTimeout) => {
                             tracing::debug!(%peer, "closed: no request within the header timeout (HTTP/2: GOAWAY)");
@@ -132,6 +174,33 @@ pub async fn serve_proxy(
     tokio::select! {
         _ = all_closed.recv() => {}
         () = tokio::time::sleep(DRAIN) => tracing::warn!("shutdown: gave up waiting for in-flight requests"),
+    }
+}
+
+/// HTTP/2's connection preface, which a client speaking HTTP/2 with prior knowledge sends first
+/// (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a new connection's first bytes say about its protocol.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    /// They are not the start of HTTP/2's preface: HTTP/1.
+    Http1,
+    /// They are (the whole preface, or a start of it that may still turn out to be an HTTP/1
+    /// request): hyper-util's auto builder reads on until it knows.
+    Undecided,
+    /// The client closed the connection (or it failed) before sending anything.
+    Gone,
+}
+
+/// Looks at (without consuming) what the client sent first, once it sent something: one
+/// `MSG_PEEK` read per connection.
+async fn opening(stream: &tokio::net::TcpStream) -> Opening {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(0) | Err(_) => Opening::Gone,
+        Ok(n) if first.get(..n) != H2_PREFACE.get(..n) => Opening::Http1,
+        Ok(_) => Opening::Undecided,
     }
 }
 
