@@ -66,6 +66,7 @@ async fn probe(
         host: &target.host_header,
         headers: &http::HeaderMap::new(),
         added: &[],
+        raw_answer: None,
     };
     let timeout = Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000));
     let sent = upstream::send(&target.conns, pool.connect_timeout, &head, None);

@@ -46,6 +46,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
+use http_body_util::Either;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -53,6 +54,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::proxy::ResponseBody;
 use crate::state::Shared;
+use crate::upstream::RawHeaders;
 use crate::watchdog::Activity;
 
 /// Most headers in a request head (hyper's limit too; more is hyper's 431).
@@ -134,6 +136,7 @@ where
             parts,
             None,
             in_flight,
+            true,
         );
         // While the answer is pending, a client that leaves ends the request (its upstream
         // exchange is dropped), as with hyper. Like hyper, the lane looks only while it holds
@@ -273,7 +276,12 @@ where
     S: AsyncWrite + Unpin,
 {
     let (head, mut body) = response.into_parts();
-    let framing = encode_head(out, &head, &body, head_only);
+    // An upstream's headers come as lines (see `proxy::handle_parts`).
+    let raw = match body.get_mut() {
+        Either::Left(upstream) => upstream.take_raw_headers(),
+        Either::Right(_) => None,
+    };
+    let framing = encode_head(out, &head, raw.as_ref(), &body, head_only);
     if framing == Framing::Bodyless {
         drop(body);
         return flush(io, out).await;
@@ -341,6 +349,7 @@ async fn flush<S: AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut) -> std::io
 fn encode_head(
     out: &mut BytesMut,
     head: &http::response::Parts,
+    raw: Option<&RawHeaders>,
     body: &ResponseBody,
     head_only: bool,
 ) -> Framing {
@@ -350,8 +359,11 @@ fn encode_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut has_date = false;
-    let mut has_length = false;
+    let (mut has_date, mut has_length) = (false, false);
+    if let Some(raw) = raw {
+        out.extend_from_slice(&raw.lines);
+        (has_date, has_length) = (raw.has_date, raw.has_length);
+    }
     for (name, value) in &head.headers {
         has_date |= name == DATE;
         has_length |= name == CONTENT_LENGTH;

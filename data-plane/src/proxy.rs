@@ -39,9 +39,18 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 static X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
-const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+/// The headers the gateway sets on an upstream's answer (any of the upstream's own by these
+/// names are replaced): without limits, and with them.
+static ANSWER_HEADERS: [&HeaderName; 1] = [&X_REQUEST_ID];
+static ANSWER_HEADERS_LIMITED: [&HeaderName; 4] = [
+    &X_REQUEST_ID,
+    &RATELIMIT_LIMIT,
+    &RATELIMIT_REMAINING,
+    &RATELIMIT_RESET,
+];
 
 /// The response body: the upstream's, streamed, or one the gateway wrote; with the request's
 /// place among those in flight on its connection, when the [`crate::watchdog`] tracks them.
@@ -61,11 +70,22 @@ pub fn handle(
     in_flight: Tracking,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     let (parts, body) = request.into_parts();
-    handle_parts(shared, peer, peer_value, parts, Some(body), in_flight)
+    handle_parts(
+        shared,
+        peer,
+        peer_value,
+        parts,
+        Some(body),
+        in_flight,
+        false,
+    )
 }
 
 /// [`handle`] for a request already split (no body: `None`), as the HTTP/1 fast lane
-/// (`lane.rs`) makes them. An `async` block, not an `async fn`: see [`handle`].
+/// (`lane.rs`) makes them. With `raw_answer`, the caller writes the answer's head itself: an
+/// upstream's headers then come as [`upstream::RawHeaders`] in the response body (when the
+/// route has no response transforms), and the response's map holds the gateway's only. An
+/// `async` block, not an `async fn`: see [`handle`].
 #[allow(clippy::manual_async_fn)]
 pub fn handle_parts(
     shared: Arc<Shared>,
@@ -74,6 +94,7 @@ pub fn handle_parts(
     mut parts: http::request::Parts,
     body: Option<Incoming>,
     in_flight: Tracking,
+    raw_answer: bool,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     async move {
         let request_id = request_id(&parts.headers);
@@ -85,6 +106,7 @@ pub fn handle_parts(
             body,
             &request_id,
             in_flight,
+            raw_answer,
         );
         let response = match forwarded.await {
             Ok(response) => response,
@@ -99,7 +121,9 @@ pub fn handle_parts(
 }
 
 /// Routes, authenticates, limits and forwards; the request's parts are borrowed from
-/// [`handle`] (its headers become the upstream request's).
+/// [`handle`] (its headers become the upstream request's). (Its arguments are borrowed from
+/// the request's future rather than bundled: a bundle would be one more copy in it.)
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     shared: &Shared,
     peer: SocketAddr,
@@ -108,6 +132,7 @@ async fn proxy(
     mut body: Option<Incoming>,
     request_id: &HeaderValue,
     in_flight: Tracking,
+    raw_answer: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config: Arc<Compiled> = shared.config.load_full().ok_or(ProxyError::NoConfig)?;
     let content_length = parts
@@ -255,6 +280,15 @@ async fn proxy(
         .then_some(host_header.as_ref())
         .flatten();
 
+    // The upstream's headers as lines for a caller that writes the head itself, unless
+    // transforms need them in a map.
+    let raw_answer =
+        (raw_answer && route.response_edits.is_empty()).then_some(if usage.is_some() {
+            &ANSWER_HEADERS_LIMITED[..]
+        } else {
+            &ANSWER_HEADERS[..]
+        });
+
     // Forward, retrying bodyless requests on another target after a connect failure.
     let pool = &route.upstream;
     let attempts = if has_body { 1 } else { 1 + pool.retries };
@@ -271,6 +305,7 @@ async fn proxy(
             host: client_host.unwrap_or(&target.host_header),
             headers,
             added: &added,
+            raw_answer,
         };
         let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
         match tokio::time::timeout(pool.request_timeout, sent).await {
@@ -515,13 +550,13 @@ fn closest_to_limit(usages: &[Usage]) -> Option<Usage> {
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds) for `usage`.
 pub fn rate_limit_headers(headers: &mut HeaderMap, usage: &Usage) {
-    headers.insert(RATELIMIT_LIMIT, values::number(usage.limit));
+    headers.insert(RATELIMIT_LIMIT.clone(), values::number(usage.limit));
     headers.insert(
-        RATELIMIT_REMAINING,
+        RATELIMIT_REMAINING.clone(),
         values::number(usage.limit.saturating_sub(usage.count)),
     );
     headers.insert(
-        RATELIMIT_RESET,
+        RATELIMIT_RESET.clone(),
         values::number(ceil_seconds(usage.reset_ms).unsigned_abs()),
     );
 }

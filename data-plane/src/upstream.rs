@@ -200,6 +200,34 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::UPGRADE,
 ];
 
+/// What a header of an answer is to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Connection,
+    TransferEncoding,
+    ContentLength,
+    /// Another hop-by-hop header ([`HOP_BY_HOP`]).
+    HopByHop,
+    Other,
+}
+
+/// The role of a header named `name` (any case), from its bytes: most names differ from each
+/// hop-by-hop one in length, which is all a comparison then looks at.
+fn role(name: &[u8]) -> Role {
+    let is = |known: &HeaderName| known.as_str().as_bytes().eq_ignore_ascii_case(name);
+    if is(&CONNECTION) {
+        Role::Connection
+    } else if is(&http::header::TRANSFER_ENCODING) {
+        Role::TransferEncoding
+    } else if is(&CONTENT_LENGTH) {
+        Role::ContentLength
+    } else if HOP_BY_HOP.iter().any(is) {
+        Role::HopByHop
+    } else {
+        Role::Other
+    }
+}
+
 /// The header a `Connection` list item names, when it is one to remove beyond
 /// [`HOP_BY_HOP`] (RFC 9110 §7.6.1); `None` for hop-by-hop names (`keep-alive` among them)
 /// and for items that are no header name. Used for requests and answers alike.
@@ -223,6 +251,21 @@ pub struct RequestHead<'a> {
     /// given value (if any) is sent after them. A list, not map inserts: comparing names
     /// while encoding costs less than hashing them into the map and growing it.
     pub added: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
+    /// `Some(names)`: the answer's headers are wanted as [`RawHeaders`] (in the response
+    /// body) rather than in the response's map, less `names` (the gateway sets them on the
+    /// answer) and the hop-by-hop ones. Bodyless requests only (the HTTP/1 fast lane).
+    pub raw_answer: Option<&'a [&'a HeaderName]>,
+}
+
+/// An answer's headers as the lines to send (`name: value\r\n` each, names in lower case),
+/// for a caller that writes the head itself: building a `HeaderMap` (hashing each name, a
+/// reference-counted slice per value) and encoding it again costs more than copying the lines.
+#[derive(Debug, Default)]
+pub struct RawHeaders {
+    pub lines: BytesMut,
+    /// Whether the lines hold a `Date` / a `Content-Length`.
+    pub has_date: bool,
+    pub has_length: bool,
 }
 
 /// Sends a request on a pooled (or new) connection and reads the response head.
@@ -254,7 +297,7 @@ pub async fn send(
             Some(encoded) => encoded,
             None => encode_head(head, chunked)?,
         };
-        match exchange(host, stream, encoded, body.take(), chunked, head.method).await {
+        match exchange(host, stream, encoded, body.take(), chunked, head).await {
             Err(SendError::Stale) if replayable && reused => {}
             other => return other,
         }
@@ -267,8 +310,9 @@ async fn exchange(
     head: BytesMut,
     body: Option<CappedBody>,
     chunked: bool,
-    method: &Method,
+    request: &RequestHead<'_>,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
+    let method = request.method;
     stream.write_all(&head).await.map_err(stale_if_reset)?;
     // The head's buffer, once sent, receives the answer (one allocation for both), unless the
     // head was large: the answer's header values are slices of this buffer and keep it alive.
@@ -278,8 +322,11 @@ async fn exchange(
     } else {
         buf.clear();
     }
-    let ((parts, framing, reusable), sent_whole) = match body {
-        None => (read_answer(&mut stream, &mut buf, method).await?, true),
+    let ((parts, framing, reusable, raw), sent_whole) = match body {
+        None => (
+            read_answer(&mut stream, &mut buf, method, request.raw_answer).await?,
+            true,
+        ),
         // On the heap: streaming a body makes a large future, which a bodyless request should
         // not carry (and move) along.
         Some(body) => {
@@ -298,6 +345,7 @@ async fn exchange(
         buf,
         framing,
         reusable: reusable && sent_whole,
+        raw,
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
@@ -313,7 +361,7 @@ async fn send_body_then_answer(
     method: &Method,
 ) -> Result<(Answer, bool), SendError> {
     match send_body_watching(stream, &mut body, chunked, buf, method).await {
-        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method).await?, true)),
+        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method, None).await?, true)),
         Ok(BodyOutcome::Answered { answer, whole }) => {
             if !whole {
                 // The upstream sees the end of our side instead of waiting for bytes that
@@ -331,7 +379,7 @@ async fn send_body_then_answer(
         Err(SendError::Io(error)) => {
             // The upstream may have answered and closed before reading everything: an answer
             // already received is still the answer.
-            let answer = read_answer(stream, buf, method)
+            let answer = read_answer(stream, buf, method, None)
                 .await
                 .map_err(|_| SendError::Io(error))?;
             body.discard_rest().await;
@@ -341,8 +389,9 @@ async fn send_body_then_answer(
     }
 }
 
-/// A final response head with its framing and whether the connection may be reused.
-type Answer = (http::response::Parts, Framing, bool);
+/// A final response head with its framing, whether the connection may be reused, and its
+/// headers as lines when they were asked for so (then not in the parts' map).
+type Answer = (http::response::Parts, Framing, bool, Option<RawHeaders>);
 
 /// How streaming a request body ended.
 enum BodyOutcome {
@@ -373,7 +422,7 @@ async fn send_body_watching(
             written = &mut write => return written.map(|()| BodyOutcome::Sent),
             read = reader.read_buf(buf) => match read {
                 Ok(read) if read > 0 => {
-                    if let Some(answer) = final_answer(buf, method)? {
+                    if let Some(answer) = final_answer(buf, method, None)? {
                         if answer.0.status.as_u16() >= 400 {
                             return Ok(BodyOutcome::Answered { answer, whole: false });
                         }
@@ -424,8 +473,12 @@ fn after_early(written: Result<(), SendError>, answer: Answer) -> Result<BodyOut
 
 /// The final response head if `buf` holds it whole; interim 1xx heads before it are dropped
 /// (a 101 is refused: no upgrade was asked for).
-fn final_answer(buf: &mut BytesMut, method: &Method) -> Result<Option<Answer>, SendError> {
-    while let Some(answer) = parse_head(buf, method)? {
+fn final_answer(
+    buf: &mut BytesMut,
+    method: &Method,
+    raw: Option<&[&HeaderName]>,
+) -> Result<Option<Answer>, SendError> {
+    while let Some(answer) = parse_head(buf, method, raw)? {
         if answer.0.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(SendError::BadResponse("unexpected 101".into()));
         }
@@ -442,12 +495,13 @@ async fn read_answer(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     method: &Method,
+    raw: Option<&[&HeaderName]>,
 ) -> Result<Answer, SendError> {
     // Whether any byte of an answer arrived (then a failure is never "stale": the upstream
     // got the request).
     let mut answered = !buf.is_empty();
     loop {
-        if let Some(answer) = final_answer(buf, method)? {
+        if let Some(answer) = final_answer(buf, method, raw)? {
             return Ok(answer);
         }
         if buf.len() >= MAX_HEAD {
@@ -587,12 +641,13 @@ enum Chunk {
 }
 
 /// Parses a complete response head at the start of `buf` (consuming it), or `None` when more
-/// bytes are needed.
-#[allow(clippy::type_complexity)]
+/// bytes are needed. With `raw`, the headers come as [`RawHeaders`] (less the names in `raw`)
+/// and the parts' map stays empty.
 fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
-) -> Result<Option<(http::response::Parts, Framing, bool)>, SendError> {
+    raw: Option<&[&HeaderName]>,
+) -> Result<Option<Answer>, SendError> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -628,10 +683,9 @@ fn parse_head(
     // the length is used (no Transfer-Encoding).
     let (mut length, mut has_length) = (Ok(None), false);
     for header in response.headers.iter() {
-        let start = header.value.as_ptr() as usize - base;
-        let name = HeaderName::from_bytes(header.name.as_bytes())
-            .map_err(|_| SendError::BadResponse(format!("header name {:?}", header.name)))?;
-        if name == CONNECTION {
+        let name = header.name.as_bytes();
+        let role = role(name);
+        if role == Role::Connection {
             // Most answers carry one token: no list to split.
             if header.value.eq_ignore_ascii_case(b"keep-alive") {
                 keep_alive_token = true;
@@ -643,48 +697,101 @@ fn parse_head(
                     named.extend(named_by_connection(token));
                 }
             }
-        } else if name == http::header::TRANSFER_ENCODING {
+        } else if role == Role::TransferEncoding {
             let last = header
                 .value
                 .rsplit(|b| *b == b',')
                 .next()
                 .unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == CONTENT_LENGTH {
+        } else if role == Role::ContentLength {
             has_length = true;
             length = length.and_then(|known| more_length(known, header.value));
         }
-        if !HOP_BY_HOP.contains(&name) {
-            fields.push((name, start, start + header.value.len()));
+        if !matches!(
+            role,
+            Role::HopByHop | Role::Connection | Role::TransferEncoding
+        ) {
+            let name_start = name.as_ptr() as usize - base;
+            let start = header.value.as_ptr() as usize - base;
+            fields.push((
+                name_start..name_start + name.len(),
+                start..start + header.value.len(),
+                role == Role::ContentLength,
+            ));
         }
     }
-    // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers) without the
-    // map growing (re-hashing every entry) on the way out.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-    let head = buf.split_to(head_len).freeze();
-    for (name, start, end) in fields {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-            .map_err(|_| SendError::BadResponse(format!("value of {name}")))?;
-        headers.append(name, value);
-    }
-    for name in named {
-        headers.remove(name);
-    }
+    // No body whatever the headers say.
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // A length beside Transfer-Encoding is dropped (see below).
+    let drop_length = !no_body && chunked.is_some() && has_length;
+    let (mut headers, raw_headers) = match raw {
+        Some(skip) => {
+            let mut lines = RawHeaders {
+                lines: BytesMut::with_capacity(head_len),
+                ..RawHeaders::default()
+            };
+            // Names are compared as bytes, in any case, and sent in lower case (as a map
+            // would): no `HeaderName` is made (httparse let only token characters through).
+            let among = |names: &[&HeaderName], name: &[u8]| {
+                names
+                    .iter()
+                    .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+            };
+            for (name, value, is_length) in fields {
+                let name = &buf[name];
+                if (is_length && drop_length)
+                    || among(skip, name)
+                    || (!named.is_empty() && named.iter().any(|n| among(&[n], name)))
+                {
+                    continue;
+                }
+                lines.has_date |= name.eq_ignore_ascii_case(b"date");
+                lines.has_length |= is_length;
+                lines.lines.extend(name.iter().map(u8::to_ascii_lowercase));
+                lines.lines.extend_from_slice(b": ");
+                lines.lines.extend_from_slice(&buf[value]);
+                lines.lines.extend_from_slice(b"\r\n");
+            }
+            buf.advance(head_len);
+            // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers).
+            (HeaderMap::with_capacity(4), Some(lines))
+        }
+        None => {
+            // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers)
+            // without the map growing (re-hashing every entry) on the way out.
+            let mut headers = HeaderMap::with_capacity(fields.len() + 4);
+            let head = buf.split_to(head_len).freeze();
+            for (name, value, _) in fields {
+                let name = HeaderName::from_bytes(&head[name]).map_err(|_| {
+                    SendError::BadResponse("a header name http refuses".to_string())
+                })?;
+                let value = HeaderValue::from_maybe_shared(head.slice(value))
+                    .map_err(|_| SendError::BadResponse(format!("value of {name}")))?;
+                headers.append(name, value);
+            }
+            for name in named {
+                headers.remove(name);
+            }
+            (headers, None)
+        }
+    };
 
     // `close` always wins; HTTP/1.0 keeps the connection only when asked to.
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
-    let framing = if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let framing = if no_body {
         Framing::Done
     } else if let Some(chunked) = chunked {
         // Transfer-Encoding wins; a length next to it is meaningless (and would mislead the
         // client), so it goes. Both at once, or Transfer-Encoding from an HTTP/1.0 server, is
         // how desynchronisation starts (RFC 9112 §6.1): that connection is not reused.
         if has_length || version == Version::HTTP_10 {
-            headers.remove(CONTENT_LENGTH);
+            if drop_length {
+                headers.remove(CONTENT_LENGTH);
+            }
             keep_alive = false;
         }
         if chunked {
@@ -706,7 +813,7 @@ fn parse_head(
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some((parts, framing, keep_alive)))
+    Ok(Some((parts, framing, keep_alive, raw_headers)))
 }
 
 /// The response's `Content-Length` so far (`known`) with one more header `value`: every value
@@ -734,9 +841,16 @@ pub struct UpstreamResponseBody {
     buf: BytesMut,
     framing: Framing,
     reusable: bool,
+    /// The answer's headers, when asked for as lines ([`RequestHead::raw_answer`]).
+    raw: Option<RawHeaders>,
 }
 
 impl UpstreamResponseBody {
+    /// The answer's headers as lines, when they were asked for so (once).
+    pub fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        self.raw.take()
+    }
+
     /// Gives the connection back to its pool once the body is complete (or closes it).
     fn finish_if_done(&mut self) {
         if matches!(self.framing, Framing::Length(0)) {
@@ -947,6 +1061,7 @@ mod tests {
             buf: BytesMut::from(wire),
             framing,
             reusable: false,
+            raw: None,
         };
         let mut out = Vec::new();
         while let Some(data) = body.next_from_buffer()? {
@@ -979,6 +1094,7 @@ mod tests {
             host: &HeaderValue::from_static("upstream:80"),
             headers: &headers,
             added: &[(&xff, Some(&peer)), (&consumer, None)],
+            raw_answer: None,
         };
         let encoded = encode_head(&head, true).expect("a sendable head");
         assert_eq!(
@@ -995,13 +1111,58 @@ mod tests {
              Keep-Alive: timeout=5\r\nX-Kept: 1\r\nTrailer: x\r\nUpgrade: h2c\r\n\
              Content-Length: 0\r\n\r\n",
         );
-        let (parts, framing, keep_alive) = parse_head(&mut buf, &Method::GET)
+        let (parts, framing, keep_alive, _) = parse_head(&mut buf, &Method::GET, None)
             .expect("valid")
             .expect("complete");
         let mut names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-length", "x-kept"]);
         assert_eq!((framing, keep_alive), (Framing::Length(0), true));
+    }
+
+    #[test]
+    fn answers_as_lines_leave_out_what_a_map_would() {
+        let x_request_id = HeaderName::from_static("x-request-id");
+        let skip = [&x_request_id];
+        let raw = |wire: &str, method: &Method| {
+            let mut buf = BytesMut::from(wire);
+            let (parts, framing, _, raw) = parse_head(&mut buf, method, Some(&skip[..]))
+                .expect("valid")
+                .expect("complete");
+            assert!(
+                parts.headers.is_empty(),
+                "the headers are in the lines only"
+            );
+            let raw = raw.expect("lines");
+            let lines = String::from_utf8(raw.lines.to_vec()).expect("text");
+            (lines, raw.has_date, raw.has_length, framing, buf)
+        };
+        let (lines, date, length, framing, rest) = raw(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+             Keep-Alive: timeout=5\r\nX-Kept: 1\r\nX-Request-Id: upstream's\r\n\
+             Date: Sat, 05 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nok",
+            &Method::GET,
+        );
+        assert_eq!(
+            lines,
+            "x-kept: 1\r\ndate: Sat, 05 Dec 2026 00:00:00 GMT\r\ncontent-length: 2\r\n"
+        );
+        assert_eq!((date, length, framing), (true, true, Framing::Length(2)));
+        assert_eq!(&rest[..], b"ok", "the body stays in the buffer");
+        // Transfer-Encoding wins over a length beside it, which goes...
+        let (lines, date, length, framing, _) = raw(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!((lines.as_str(), date, length), ("", false, false));
+        assert_eq!(framing, Framing::Chunked(Chunk::Size));
+        // ...except on an answer without a body, which keeps what it says (as a map would).
+        let (lines, _, length, framing, _) = raw(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!((lines.as_str(), length), ("content-length: 3\r\n", true));
+        assert_eq!(framing, Framing::Done);
     }
 
     #[test]
@@ -1035,6 +1196,7 @@ mod tests {
             buf: BytesMut::new(),
             framing: Framing::Chunked(Chunk::Size),
             reusable: false,
+            raw: None,
         };
         let mut out = Vec::new();
         for byte in wire {
@@ -1051,7 +1213,8 @@ mod tests {
     fn response_heads_set_framing_and_keep_alive() {
         let parse = |wire: &str, method: &Method| {
             let mut buf = BytesMut::from(wire.as_bytes());
-            parse_head(&mut buf, method).map(|p| p.map(|(parts, f, k)| (parts.status, f, k, buf)))
+            parse_head(&mut buf, method, None)
+                .map(|p| p.map(|(parts, f, k, _)| (parts.status, f, k, buf)))
         };
         let get = Method::GET;
         let (status, framing, keep, rest) =

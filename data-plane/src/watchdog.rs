@@ -224,6 +224,11 @@ impl<B> Tracked<B> {
             _in_flight: in_flight,
         }
     }
+
+    /// The body itself.
+    pub fn get_mut(&mut self) -> &mut B {
+        &mut self.body
+    }
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
