@@ -8,7 +8,8 @@
 //! - [`router`]: path and host normalization, the compiled route table.
 //! - [`health`]: active health checks of upstream targets.
 //! - [`server`]: the proxy and status listeners.
-//! - [`framing`]: the request-smuggling guard in front of hyper's HTTP/1 parser.
+//! - [`lane`]: the HTTP/1.1 fast lane (bodyless requests), handing the rest to hyper.
+//! - [`framing`]: the request-smuggling guard in front of the HTTP/1 parsers.
 //! - [`watchdog`]: header, idle, send and body timeouts (slowloris guard), one timer per
 //!   connection.
 //! - [`proxy`]: the request pipeline, phase by phase.

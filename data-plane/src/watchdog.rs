@@ -2,9 +2,10 @@
 //! is only touched when it fires (hyper's HTTP/1 header-read timeout is off on the proxy
 //! listener, see below). The header timeout covers:
 //!
-//! - the start of every connection, while hyper-util's auto builder waits to learn whether the
-//!   client speaks HTTP/1 or HTTP/2 (up to 24 bytes: a client that sends a few bytes and
-//!   stalls would otherwise hold the connection forever);
+//! - the start of every connection, while the listener waits for its first bytes (a peek
+//!   bounded by the same timeout) and hyper-util's auto builder, for a connection that may be
+//!   HTTP/2, waits to learn which (up to 24 bytes: a client that sends a few bytes and stalls
+//!   would otherwise hold the connection forever);
 //! - HTTP/1 connections between requests: an idle keep-alive connection, or one sending its
 //!   next head too slowly (slowloris), is closed once no request was in flight for longer than
 //!   the timeout;
