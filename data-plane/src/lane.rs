@@ -102,7 +102,7 @@ where
     loop {
         // The next request's head, or the hand-off.
         let parts = loop {
-            match parse(&mut buf) {
+            match parse(&mut buf, max_head) {
                 Head::Request(parts) => break parts,
                 Head::Hyper => return hand_off(io, buf.freeze(), &lane).await,
                 Head::Partial if buf.len() >= max_head => {
@@ -111,9 +111,8 @@ where
                 Head::Partial => {}
             }
             buf.reserve(READ_CHUNK);
-            let read = pin!(io.read_buf(&mut buf));
+            let mut read = pin!(io.read_buf(&mut buf));
             let closing = &lane.closing;
-            let mut read = read;
             // The watchdog's shutdown ends a connection waiting for a request at once.
             let read = poll_fn(|cx| {
                 if closing.load(Ordering::Relaxed) {
@@ -178,8 +177,9 @@ where
     }
 }
 
-/// Parses the head at the start of `buf` when it is one the lane serves.
-fn parse(buf: &mut BytesMut) -> Head {
+/// Parses the head at the start of `buf` when it is one the lane serves (and not longer than
+/// `max_head`: hyper answers those).
+fn parse(buf: &mut BytesMut, max_head: usize) -> Head {
     if buf.is_empty() {
         return Head::Partial;
     }
@@ -191,9 +191,9 @@ fn parse(buf: &mut BytesMut) -> Head {
         buf,
         &mut slots,
     ) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
-        Err(_) => return Head::Hyper,
+        Ok(httparse::Status::Complete(_)) | Err(_) => return Head::Hyper,
     };
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
     else {
@@ -537,7 +537,7 @@ mod tests {
 
     fn parsed(raw: &str) -> (Option<http::request::Parts>, usize) {
         let mut buf = BytesMut::from(raw);
-        match parse(&mut buf) {
+        match parse(&mut buf, 1024) {
             Head::Request(parts) => (Some(parts), buf.len()),
             Head::Partial | Head::Hyper => (None, buf.len()),
         }
@@ -577,11 +577,16 @@ mod tests {
             ("GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "a bad header name"),
         ] {
             let mut buf = BytesMut::from(raw);
-            assert!(matches!(parse(&mut buf), Head::Hyper), "{why}");
+            assert!(matches!(parse(&mut buf, 1024), Head::Hyper), "{why}");
             assert_eq!(&buf[..], raw.as_bytes(), "{why}: nothing consumed");
         }
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: x\r\n");
-        assert!(matches!(parse(&mut buf), Head::Partial));
+        assert!(matches!(parse(&mut buf, 1024), Head::Partial));
+        let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            matches!(parse(&mut buf, 20), Head::Hyper),
+            "over the head limit"
+        );
         let (parts, _) = parsed("GET / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(parts.is_some(), "Connection: keep-alive stays in the lane");
     }

@@ -743,7 +743,9 @@ fn parse_head(
             };
             for (name, value, is_length) in fields {
                 let name = &buf[name];
-                if (is_length && drop_length)
+                // Several lengths all agree (checked above): one is enough, and clients
+                // refuse a repeated one as smuggling does.
+                if (is_length && (drop_length || lines.has_length))
                     || among(skip, name)
                     || (!named.is_empty() && named.iter().any(|n| among(&[n], name)))
                 {
@@ -1140,7 +1142,7 @@ mod tests {
         let (lines, date, length, framing, rest) = raw(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
              Keep-Alive: timeout=5\r\nX-Kept: 1\r\nX-Request-Id: upstream's\r\n\
-             Date: Sat, 05 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nok",
+             Date: Sat, 05 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
             &Method::GET,
         );
         assert_eq!(
