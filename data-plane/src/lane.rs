@@ -128,7 +128,13 @@ where
         };
         let head_only = parts.method == Method::HEAD;
         let in_flight = lane.activity.request();
-        let handled = crate::proxy::handle_parts(
+        // While the answer is pending, a client that leaves ends the request (its upstream
+        // exchange is dropped), as with hyper. Like hyper, the lane looks only while it holds
+        // none of the client's bytes: once some came (a pipelined request), they wait for
+        // their turn and nothing more is read (the framing guard answers a refused head on a
+        // read, which must come after this answer). After a read that emptied the socket,
+        // looking costs no system call: the runtime knows the socket has nothing more.
+        let mut handled = pin!(crate::proxy::handle_parts(
             lane.shared.clone(),
             lane.peer,
             lane.peer_value.clone(),
@@ -136,14 +142,7 @@ where
             None,
             in_flight,
             true,
-        );
-        // While the answer is pending, a client that leaves ends the request (its upstream
-        // exchange is dropped), as with hyper. Like hyper, the lane looks only while it holds
-        // none of the client's bytes: once some came (a pipelined request), they wait for
-        // their turn and nothing more is read (the framing guard answers a refused head on a
-        // read, which must come after this answer). After a read that emptied the socket,
-        // looking costs no system call: the runtime knows the socket has nothing more.
-        let mut handled = pin!(handled);
+        ));
         let response = poll_fn(|cx| {
             if let Poll::Ready(Ok(response)) = handled.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));

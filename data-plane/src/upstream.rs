@@ -211,20 +211,22 @@ enum Role {
     Other,
 }
 
-/// The role of a header named `name` (any case), from its bytes: most names differ from each
-/// hop-by-hop one in length, which is all a comparison then looks at.
+/// The role of a header named `name` (any case), from its bytes: the length picks the one or
+/// two names it can be (most names match none), then one comparison. Agrees with
+/// [`HOP_BY_HOP`] (a test holds them together).
 fn role(name: &[u8]) -> Role {
-    let is = |known: &HeaderName| known.as_str().as_bytes().eq_ignore_ascii_case(name);
-    if is(&CONNECTION) {
-        Role::Connection
-    } else if is(&http::header::TRANSFER_ENCODING) {
-        Role::TransferEncoding
-    } else if is(&CONTENT_LENGTH) {
-        Role::ContentLength
-    } else if HOP_BY_HOP.iter().any(is) {
-        Role::HopByHop
-    } else {
-        Role::Other
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        10 if is(b"connection") => Role::Connection,
+        17 if is(b"transfer-encoding") => Role::TransferEncoding,
+        14 if is(b"content-length") => Role::ContentLength,
+        10 if is(b"keep-alive") => Role::HopByHop,
+        16 if is(b"proxy-connection") => Role::HopByHop,
+        18 if is(b"proxy-authenticate") => Role::HopByHop,
+        19 if is(b"proxy-authorization") => Role::HopByHop,
+        2 if is(b"te") => Role::HopByHop,
+        7 if is(b"trailer") || is(b"upgrade") => Role::HopByHop,
+        _ => Role::Other,
     }
 }
 
@@ -753,7 +755,9 @@ fn parse_head(
                 }
                 lines.has_date |= name.eq_ignore_ascii_case(b"date");
                 lines.has_length |= is_length;
-                lines.lines.extend(name.iter().map(u8::to_ascii_lowercase));
+                let at = lines.lines.len();
+                lines.lines.extend_from_slice(name);
+                lines.lines[at..].make_ascii_lowercase();
                 lines.lines.extend_from_slice(b": ");
                 lines.lines.extend_from_slice(&buf[value]);
                 lines.lines.extend_from_slice(b"\r\n");
@@ -1120,6 +1124,31 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["content-length", "x-kept"]);
         assert_eq!((framing, keep_alive), (Framing::Length(0), true));
+    }
+
+    #[test]
+    fn header_roles_agree_with_the_hop_by_hop_list() {
+        for name in &HOP_BY_HOP {
+            for spelled in [
+                name.as_str().to_string(),
+                name.as_str().to_ascii_uppercase(),
+            ] {
+                assert_ne!(role(spelled.as_bytes()), Role::Other, "{spelled}");
+            }
+        }
+        assert_eq!(role(b"Connection"), Role::Connection);
+        assert_eq!(role(b"TRANSFER-ENCODING"), Role::TransferEncoding);
+        assert_eq!(role(b"Content-Length"), Role::ContentLength);
+        for other in [
+            "content-type",
+            "x-connection",
+            "date",
+            "tex",
+            "",
+            "upgrades",
+        ] {
+            assert_eq!(role(other.as_bytes()), Role::Other, "{other}");
+        }
     }
 
     #[test]
