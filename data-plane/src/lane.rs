@@ -21,12 +21,15 @@
 //! **Answers** are framed as hyper frames them: a `Content-Length` from the upstream is kept
 //! (the upstream body is read to that length), a body of known size (gateway answers) gets one,
 //! any other is sent chunked; `HEAD`, 1xx, 204 and 304 answers carry no body. A `Date` is added
-//! when the answer has none. Writes are batched: the head goes with the first part of the body,
+//! when the answer has none. An upstream's headers come ready as lines (`RawHeaders`: the
+//! upstream client leaves out the hop-by-hop ones and those the gateway sets) unless the
+//! route transforms answers, which needs them in a map. Writes are batched: the head goes with the first part of the body,
 //! and is flushed whenever the body has nothing more ready (a streamed answer is never held
 //! back). A body that fails mid-way closes the connection, as hyper does.
 //!
 //! **A client that leaves** while its answer is pending (the connection closed or failed)
-//! ends the request, which drops its upstream exchange, as hyper does.
+//! ends the request, which drops its upstream exchange, as hyper does; like hyper, the lane
+//! looks only while it holds none of the client's bytes.
 //!
 //! **Timeouts and shutdown** stay the watchdog's ([`crate::watchdog`]): the lane counts its
 //! requests in flight the same way, its reads and writes go through the framing guard, and
