@@ -778,6 +778,13 @@ async fn raw_upstream() -> (
                         tokio::time::sleep(Duration::from_secs(60)).await;
                         return;
                     }
+                    if path == "/raw/wait-close" {
+                        // Never answers; counts (as a drop) the proxy closing the connection.
+                        let mut chunk = [0u8; 1024];
+                        while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+                        drops.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     if path == "/raw/drop" {
                         // Reads the request, then closes without a word.
                         drops.fetch_add(1, Ordering::SeqCst);
@@ -1545,4 +1552,39 @@ async fn the_fast_lane_and_hyper_share_a_connection() {
         rest.starts_with("HTTP/1.1 200 OK\r\n"),
         "no body after HEAD's head: {rest}"
     );
+}
+
+/// A client that leaves while its answer is pending ends the request: the proxy drops the
+/// upstream exchange (closes that connection) rather than wait for an answer nobody reads;
+/// for a request of the fast lane (HTTP/1.1) as for one hyper serves (HTTP/1.0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_ends_its_upstream_exchange() {
+    use std::sync::atomic::Ordering;
+    let s = setup(&[]).await;
+    let (_, dropped) = s.add_raw_upstream().await;
+    for (n, request) in [
+        "GET /raw/wait-close HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /raw/wait-close HTTP/1.0\r\nHost: x\r\n\r\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let stream = raw_connection(s.dp.proxy, request.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            n,
+            "{request}: still waiting upstream"
+        );
+        drop(stream);
+        wait_until(
+            Duration::from_secs(5),
+            "the upstream exchange dropped",
+            || {
+                let dropped = dropped.clone();
+                async move { dropped.load(Ordering::SeqCst) == n + 1 }
+            },
+        )
+        .await;
+    }
 }
