@@ -11,11 +11,12 @@
 //! and streams its body, and goes on with the next request (keep-alive and pipelining).
 //!
 //! **Hand-off.** A request the lane does not serve — HTTP/1.0, a body (`Content-Length`,
-//! `Transfer-Encoding`), `Expect`, `Upgrade`, a `Connection` header other than `keep-alive`, a
-//! target not in origin-form, too many headers, a head over the size limit, anything httparse
-//! or `http` refuse — is not answered here: the connection, with the bytes read so far (that
-//! request's, unconsumed), goes to hyper's HTTP/1 server for the rest of its life. hyper then
-//! answers exactly as it did before the lane existed (the refusals, 400 and 431, included).
+//! `Transfer-Encoding`), `Expect`, `Upgrade`, `CONNECT`, a `Connection` header other than
+//! `keep-alive`, a target not in origin-form, too many headers, a head over the size limit,
+//! anything httparse or `http` refuse — is not answered here: the connection, with the bytes
+//! read so far (that request's, unconsumed), goes to hyper's HTTP/1 server for the rest of its
+//! life. hyper then answers exactly as it did before the lane existed (the refusals, 400 and
+//! 431, included).
 //! The lane only ever takes a request whose meaning is unambiguous.
 //!
 //! **Answers** are framed as hyper frames them: a `Content-Length` from the upstream is kept
@@ -204,9 +205,13 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Head {
     if !target.starts_with('/') {
         return Head::Hyper;
     }
+    // CONNECT turns a connection into a tunnel in hyper's hands: never the lane's.
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Head::Hyper;
     };
+    if method == Method::CONNECT {
+        return Head::Hyper;
+    }
     // Positions in the buffer, so the target and the values share it instead of being copied.
     let base = buf.as_ptr() as usize;
     let target = (target.as_ptr() as usize - base, target.len());
@@ -576,6 +581,7 @@ mod tests {
                 "Connection: close",
             ),
             ("GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n", "absolute-form"),
+            ("CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n", "CONNECT"),
             ("GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "a bad header name"),
         ] {
             let mut buf = BytesMut::from(raw);
