@@ -745,8 +745,8 @@ fn parse_head(
             };
             for (name, value, is_length) in fields {
                 let name = &buf[name];
-                // Several lengths all agree (checked above): one is enough, and clients
-                // refuse a repeated one as smuggling does.
+                // One length is enough: where the length is used, all must agree (see
+                // below), and some clients refuse a repeated one.
                 if (is_length && (drop_length || lines.has_length))
                     || among(skip, name)
                     || (!named.is_empty() && named.iter().any(|n| among(&[n], name)))
