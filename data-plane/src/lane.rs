@@ -51,14 +51,13 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::Either;
-use hyper::body::{Body, Incoming};
-use hyper::service::service_fn;
+use hyper::body::Body;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::proxy::ResponseBody;
 use crate::state::Shared;
-use crate::upstream::RawHeaders;
+use crate::upstream::{RawHeaders, chunk_size_line};
 use crate::watchdog::Activity;
 
 /// Most headers in a request head (hyper's limit too; more is hyper's 431).
@@ -319,9 +318,8 @@ where
             continue;
         }
         if framing == Framing::Chunked {
-            let mut size = [0u8; 16];
-            out.extend_from_slice(hex(data.len(), &mut size));
-            out.extend_from_slice(b"\r\n");
+            let mut line = [0u8; 18];
+            out.extend_from_slice(chunk_size_line(data.len(), &mut line));
         }
         if data.len() >= WRITE_CHUNK {
             flush(io, out).await?;
@@ -415,21 +413,6 @@ fn encode_head(
     framing
 }
 
-/// `n` in hexadecimal (a chunk's size line), in `buffer`.
-fn hex(mut n: usize, buffer: &mut [u8; 16]) -> &[u8] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut at = buffer.len();
-    loop {
-        at -= 1;
-        buffer[at] = DIGITS[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    &buffer[at..]
-}
-
 thread_local! {
     static DATE_CACHE: std::cell::RefCell<CachedDate> = const {
         std::cell::RefCell::new(CachedDate { second: u64::MAX, value: Vec::new() })
@@ -460,16 +443,12 @@ async fn hand_off<S>(io: S, read: Bytes, lane: &Lane) -> Result<(), hyper::Error
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn({
-        let shared = lane.shared.clone();
-        let peer = lane.peer;
-        let peer_value = lane.peer_value.clone();
-        let activity = lane.activity.clone();
-        move |request: Request<Incoming>| {
-            let in_flight = activity.request();
-            crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
-        }
-    });
+    let service = crate::proxy::service(
+        lane.shared.clone(),
+        lane.peer,
+        lane.peer_value.clone(),
+        lane.activity.clone(),
+    );
     let connection = lane
         .http1
         .serve_connection(TokioIo::new(Prefixed { read, io }), service);
@@ -597,14 +576,5 @@ mod tests {
         );
         let (parts, _) = parsed("GET / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(parts.is_some(), "Connection: keep-alive stays in the lane");
-    }
-
-    #[test]
-    fn chunk_sizes_are_hex() {
-        let mut buffer = [0u8; 16];
-        assert_eq!(hex(0, &mut buffer), b"0");
-        assert_eq!(hex(255, &mut buffer), b"ff");
-        assert_eq!(hex(16 * 1024, &mut buffer), b"4000");
-        assert_eq!(hex(usize::MAX, &mut buffer), b"ffffffffffffffff");
     }
 }

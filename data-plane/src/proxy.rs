@@ -81,6 +81,27 @@ pub fn handle(
     )
 }
 
+/// The hyper service of a client connection: each request counted in flight on `activity`
+/// and served by [`handle`]. (Used by hyper-util's auto builder, and by hyper's HTTP/1 server
+/// for the connections the fast lane hands off.)
+pub fn service(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    peer_value: HeaderValue,
+    activity: Arc<crate::watchdog::Activity>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ResponseBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+> + Send
++ 'static {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_flight = activity.request();
+        handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
+    })
+}
+
 /// [`handle`] for a request already split (no body: `None`), as the HTTP/1 fast lane
 /// (`lane.rs`) makes them. With `raw_answer`, the caller writes the answer's head itself: an
 /// upstream's headers then come as [`upstream::RawHeaders`] in the response body (when the

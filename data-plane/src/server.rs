@@ -133,13 +133,7 @@ pub async fn serve_proxy(
                             .map_err(|error| error.to_string())
                         }
                         Ok(Opening::Undecided) => {
-                            let service = service_fn({
-                                let activity = activity.clone();
-                                move |request: Request<Incoming>| {
-                                    let in_flight = activity.request();
-                                    crate::proxy::handle(shared.clone(), peer, peer_value.clone(), request, in_flight)
-                                }
-                            });
+                            let service = crate::proxy::service(shared, peer, peer_value, activity.clone());
                             let connection = auto.serve_connection(TokioIo::new(io), service).into_owned();
                             watch(connection, activity, timeouts, cancel, |connection| {
                                 connection.graceful_shutdown();
