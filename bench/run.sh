@@ -75,7 +75,8 @@
 #   INSTRUCTIONS=1  afterwards, count user-space instructions per request of each proxy with
 #                   valgrind's callgrind (installed if missing): repeatable where timings are
 #                   not (see the section "instructions" below); IR_WARMUP=3 and IR_DUR=5
-#                   seconds per target
+#                   seconds per target, IR_CONNS=4 wrk connections (more batch the limiter's
+#                   Redis calls as under the timed load, at valgrind's latency)
 #
 # Not a test: CI does not run it. Ports used (+ PORT_OFFSET): 18080 18081 18083 18090 18091 18092 18095,
 # and 18379 (redis-server) with tollgate-auth-limit (all must be free; the script refuses to start
@@ -626,7 +627,8 @@ fi
 # Kernel time (syscalls, TCP) is not counted. The nginx proxy and the data plane are
 # restarted under valgrind (nginx with master_process off, so that its one process is the
 # worker), each target is loaded for IR_WARMUP seconds, then counted over IR_DUR seconds of
-# wrk -t1 -c4 (valgrind runs about 50x slower: few connections keep the latency sane).
+# wrk -t1 -c$IR_CONNS (valgrind runs about 50x slower: the default 4 connections keep the
+# latency sane).
 if [[ -n "${INSTRUCTIONS:-}" ]]; then
   if ! command -v valgrind >/dev/null; then
     [[ -z "${SKIP_INSTALL:-}" ]] || die "valgrind is needed for INSTRUCTIONS=1 (SKIP_INSTALL is set)"
@@ -636,6 +638,7 @@ if [[ -n "${INSTRUCTIONS:-}" ]]; then
   fi
   IR_WARMUP=${IR_WARMUP:-3}
   IR_DUR=${IR_DUR:-5}
+  IR_CONNS=${IR_CONNS:-4}
   IR_OUT=$BENCH_DIR/callgrind
   mkdir -p "$IR_OUT"
   stop() { # NAME: stops a server started here and waits for it to exit
@@ -660,10 +663,10 @@ if [[ -n "${INSTRUCTIONS:-}" ]]; then
   instructions() {
     local pid=${PROXY_PID[$1]} header=() before dump
     [[ -z "${WRK_HEADER[$1]}" ]] || header=(-H "${WRK_HEADER[$1]}")
-    taskset -c "$CLIENT_CPU" wrk -t1 -c4 -d"${IR_WARMUP}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$IR_CONNS" -d"${IR_WARMUP}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
       >"$RAW/callgrind-warmup-$1.txt" 2>&1
     callgrind_control -z "$pid" >/dev/null 2>&1
-    taskset -c "$CLIENT_CPU" wrk -t1 -c4 -d"${IR_DUR}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$IR_CONNS" -d"${IR_DUR}s" ${header[@]+"${header[@]}"} "${URL[$1]}" \
       >"$RAW/callgrind-$1.txt" 2>&1 || die "wrk failed against $1 (under valgrind)"
     before=$(find "$IR_OUT" -name "*.$pid.*" | wc -l)
     callgrind_control -d "$pid" >/dev/null 2>&1
@@ -683,7 +686,7 @@ if [[ -n "${INSTRUCTIONS:-}" ]]; then
   declare -A IR
   {
     echo
-    echo "user-space instructions per request (callgrind; wrk -t1 -c4, ${IR_DUR}s per target)"
+    echo "user-space instructions per request (callgrind; wrk -t1 -c$IR_CONNS, ${IR_DUR}s per target)"
     printf '%-19s %10s %14s %9s\n' target requests instr/req vs_nginx
     for t in "${TARGETS[@]}"; do
       [[ "$t" != direct ]] || continue

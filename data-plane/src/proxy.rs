@@ -347,14 +347,26 @@ async fn proxy(
             }
             Ok(Ok(response)) => {
                 // Hop-by-hop headers are already left out.
-                let (mut head, body) = response.into_parts();
-                if !route.response_edits.is_empty() {
-                    route.response_edits.apply(&mut head.headers);
-                }
-                head.headers
-                    .insert(X_REQUEST_ID.clone(), request_id.clone());
-                if let Some(usage) = &usage {
-                    rate_limit_headers(&mut head.headers, usage);
+                let (mut head, mut body) = response.into_parts();
+                if let Some(lines) = body.raw_headers_mut() {
+                    // The answer's head is written from lines (no transforms here): the
+                    // gateway's headers join them rather than a map.
+                    lines.push(&X_REQUEST_ID, request_id.as_bytes());
+                    if let Some(usage) = &usage {
+                        let mut digits = itoa::Buffer::new();
+                        for (name, value) in rate_limit_fields(usage) {
+                            lines.push(name, digits.format(value).as_bytes());
+                        }
+                    }
+                } else {
+                    if !route.response_edits.is_empty() {
+                        route.response_edits.apply(&mut head.headers);
+                    }
+                    head.headers
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
+                    if let Some(usage) = &usage {
+                        rate_limit_headers(&mut head.headers, usage);
+                    }
                 }
                 return Ok(Response::from_parts(
                     head,
@@ -571,15 +583,24 @@ fn closest_to_limit(usages: &[Usage]) -> Option<Usage> {
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds) for `usage`.
 pub fn rate_limit_headers(headers: &mut HeaderMap, usage: &Usage) {
-    headers.insert(RATELIMIT_LIMIT.clone(), values::number(usage.limit));
-    headers.insert(
-        RATELIMIT_REMAINING.clone(),
-        values::number(usage.limit.saturating_sub(usage.count)),
-    );
-    headers.insert(
-        RATELIMIT_RESET.clone(),
-        values::number(ceil_seconds(usage.reset_ms).unsigned_abs()),
-    );
+    for (name, value) in rate_limit_fields(usage) {
+        headers.insert(name.clone(), values::number(value));
+    }
+}
+
+/// The `RateLimit-*` headers' names and values for `usage`.
+fn rate_limit_fields(usage: &Usage) -> [(&'static HeaderName, u64); 3] {
+    [
+        (&RATELIMIT_LIMIT, usage.limit),
+        (
+            &RATELIMIT_REMAINING,
+            usage.limit.saturating_sub(usage.count),
+        ),
+        (
+            &RATELIMIT_RESET,
+            ceil_seconds(usage.reset_ms).unsigned_abs(),
+        ),
+    ]
 }
 
 /// Milliseconds rounded up to whole seconds, at least 1.

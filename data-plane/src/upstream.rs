@@ -48,6 +48,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) and total trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Bytes reserved after an answer's header lines for the gateway's own (X-Request-Id up to
+/// its 128-byte limit and the three RateLimit-* lines), so adding them does not reallocate.
+const ANSWER_ROOM: usize = 320;
 
 /// Pools by target address, kept across snapshots so pooled connections survive reloads.
 #[derive(Default)]
@@ -284,6 +287,17 @@ pub struct RawHeaders {
     /// Whether the lines hold a `Date` / a `Content-Length`.
     pub has_date: bool,
     pub has_length: bool,
+}
+
+impl RawHeaders {
+    /// Appends `name: value` (the gateway's own headers on an answer; `value` must be a valid
+    /// header value).
+    pub fn push(&mut self, name: &HeaderName, value: &[u8]) {
+        self.lines.extend_from_slice(name.as_str().as_bytes());
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Sends a request on a pooled (or new) connection and reads the response head.
@@ -751,7 +765,8 @@ fn parse_head(
     let (mut headers, raw_headers) = match raw {
         Some(skip) => {
             let mut lines = RawHeaders {
-                lines: BytesMut::with_capacity(head_len),
+                // With room for the gateway's own lines (see `ANSWER_ROOM`).
+                lines: BytesMut::with_capacity(head_len + ANSWER_ROOM),
                 ..RawHeaders::default()
             };
             // Names are compared as bytes, in any case, and sent in lower case (as a map
@@ -779,8 +794,8 @@ fn parse_head(
                 lines.lines.extend_from_slice(b"\r\n");
             }
             buf.advance(head_len);
-            // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers).
-            (HeaderMap::with_capacity(4), Some(lines))
+            // The gateway's headers go to the lines too: the map stays empty (unallocated).
+            (HeaderMap::new(), Some(lines))
         }
         None => {
             // Room for what the proxy adds (X-Request-Id, the three RateLimit-* headers)
@@ -871,6 +886,11 @@ impl UpstreamResponseBody {
     /// The answer's headers as lines, when they were asked for so (once).
     pub fn take_raw_headers(&mut self) -> Option<RawHeaders> {
         self.raw.take()
+    }
+
+    /// The answer's headers as lines, to add the gateway's own to.
+    pub fn raw_headers_mut(&mut self) -> Option<&mut RawHeaders> {
+        self.raw.as_mut()
     }
 
     /// Gives the connection back to its pool once the body is complete (or closes it).
