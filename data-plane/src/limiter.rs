@@ -204,19 +204,21 @@ struct Pending {
     queued: std::time::Instant,
     /// Its arrival (Unix ms); the batch is decided at its latest arrival.
     now_ms: i64,
-    limits: Vec<LimitArgs>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, String>>,
+    /// Its limits (moved here, not copied: the batching task decides the request).
+    checks: Vec<Check>,
+    reply: tokio::sync::oneshot::Sender<Result<Decision, String>>,
 }
 
-/// One limit as the script takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct LimitArgs {
-    key: String,
-    /// 1 window, 2 quota.
-    kind: u8,
-    limit: u64,
-    /// The window's length, or the end of the quota's period (Unix ms).
-    span: i64,
+/// One limit as the script takes it: key, kind (1 window, 2 quota), limit, and the window's
+/// length or the end of the quota's period (Unix ms).
+type LimitArgs<'a> = (&'a str, u8, u64, i64);
+
+/// `check` as the script takes it, for a request that arrived at `now_ms`.
+fn limit_args(check: &Check, now_ms: i64) -> LimitArgs<'_> {
+    match check.span {
+        Span::Window(window) => (&check.key, 1, check.limit, window),
+        Span::Quota(period) => (&check.key, 2, check.limit, period_end(period, now_ms).0),
+    }
 }
 
 /// How long an open breaker skips Redis before letting one request probe it.
@@ -243,7 +245,7 @@ impl RedisLimiter {
     }
 
     /// Decides one request; `None` when Redis is unavailable (error, timeout, breaker open).
-    pub async fn decide(&self, checks: &[Check], now_ms: i64) -> Option<Decision> {
+    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> Option<Decision> {
         if self.open_until_ms.load(Ordering::Relaxed) > now_ms {
             return None;
         }
@@ -251,21 +253,7 @@ impl RedisLimiter {
         let pending = Pending {
             queued: std::time::Instant::now(),
             now_ms,
-            limits: checks
-                .iter()
-                .map(|check| {
-                    let (kind, span) = match check.span {
-                        Span::Window(window) => (1, window),
-                        Span::Quota(period) => (2, period_end(period, now_ms).0),
-                    };
-                    LimitArgs {
-                        key: check.key.clone(),
-                        kind,
-                        limit: check.limit,
-                        span,
-                    }
-                })
-                .collect(),
+            checks,
             reply,
         };
         // No timer here: the batching task answers every request within two timeouts (the
@@ -278,12 +266,12 @@ impl RedisLimiter {
             Err(_) => Err("the batching task stopped".to_string()),
         };
         match result {
-            Ok(values) => {
+            Ok(decision) => {
                 let failed = self.failures.swap(0, Ordering::Relaxed);
                 if failed > 0 {
                     tracing::info!(failed, "rate-limit store available again");
                 }
-                Some(decode(checks, &values, now_ms))
+                Some(decision)
             }
             Err(error) => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -366,7 +354,7 @@ async fn run_batches(
 fn invocation<'a>(
     script: &'a redis::Script,
     batch: &[Pending],
-) -> (redis::ScriptInvocation<'a>, Vec<(usize, usize)>) {
+) -> (redis::ScriptInvocation<'a>, Vec<usize>) {
     let now = batch
         .iter()
         .map(|pending| pending.now_ms)
@@ -375,14 +363,15 @@ fn invocation<'a>(
     // foldhash, not SipHash: the map lives for one batch and holds a few hundred entries at
     // most (MAX_BATCH requests times their limits), so even keys chosen to collide cost no
     // more than a linear search over its entries.
-    let mut distinct: HashMap<&LimitArgs, usize, foldhash::fast::RandomState> = HashMap::default();
-    let mut order: Vec<&LimitArgs> = Vec::new();
+    let mut distinct: HashMap<LimitArgs, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut order: Vec<LimitArgs> = Vec::new();
     // Per group: size, and its limits' indexes in `indexes`.
     let mut groups: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     let mut indexes: Vec<usize> = Vec::new();
     for pending in batch {
         let start = indexes.len();
-        for limit in &pending.limits {
+        for check in &pending.checks {
+            let limit = limit_args(check, pending.now_ms);
             let index = *distinct.entry(limit).or_insert_with(|| {
                 order.push(limit);
                 order.len()
@@ -399,12 +388,12 @@ fn invocation<'a>(
     }
     let mut invocation = script.prepare_invoke();
     invocation.arg(order.len());
-    for limit in &order {
-        invocation.arg(limit.kind).arg(limit.limit).arg(limit.span);
-        if limit.kind == 1 {
-            invocation.key(&limits::window_keys(&limit.key)[..]);
+    for &(key, kind, limit, span) in &order {
+        invocation.arg(kind).arg(limit).arg(span);
+        if kind == 1 {
+            invocation.key(&limits::window_keys(key)[..]);
         } else {
-            invocation.key(&limit.key);
+            invocation.key(key);
         }
     }
     invocation.arg(groups.len());
@@ -412,45 +401,31 @@ fn invocation<'a>(
         invocation.arg(now).arg(*size).arg(range.len());
         invocation.arg(&indexes[range.clone()]);
     }
-    let shapes = groups
-        .iter()
-        .map(|(size, range)| (*size, range.len()))
-        .collect();
-    (invocation, shapes)
+    let sizes = groups.iter().map(|(size, _)| *size).collect();
+    (invocation, sizes)
 }
 
 /// Answers each request of `batch` from the script's per-group `values`: of a group of `size`
-/// whose answer is `{k, count_1, retry_1, ...}`, the first k are admitted, the j-th (from 1)
-/// having seen `count - k + j` for each limit, and the rest are refused at `count`.
-fn answer_groups(batch: &mut Vec<Pending>, groups: &[(usize, usize)], values: &[i64]) {
+/// requests with n limits, whose answer is `{k, count_1, retry_1, ..., count_n, retry_n}`,
+/// the first k are admitted, the j-th (from 0) having seen `count - k + j + 1` for each
+/// limit, and the rest are refused at `count`.
+fn answer_groups(batch: &mut Vec<Pending>, sizes: &[usize], values: &[i64]) {
     let mut requests = batch.drain(..);
     let mut offset = 0;
-    for &(size, limits) in groups {
-        let answer = values.get(offset..offset + 1 + 2 * limits);
-        offset += 1 + 2 * limits;
+    for &size in sizes {
         for j in 0..size {
             let Some(pending) = requests.next() else {
                 return;
             };
-            let reply = answer
-                .and_then(|answer| {
-                    let (admitted, per_limit) = answer.split_first()?;
-                    let admitted = usize::try_from(*admitted).ok()?;
-                    let before = i64::try_from(admitted.saturating_sub(j)).ok()?;
-                    let mut reply = Vec::with_capacity(answer.len());
-                    if j < admitted {
-                        reply.push(1);
-                        for count in per_limit.iter().step_by(2) {
-                            reply.extend([count - before + 1, -1]);
-                        }
-                    } else {
-                        reply.push(0);
-                        reply.extend_from_slice(per_limit);
-                    }
-                    Some(reply)
-                })
+            // Every request of a group has the same limits.
+            let answer = values.get(offset..offset + 1 + 2 * pending.checks.len());
+            let decision = answer
+                .and_then(|answer| decide_in_group(&pending.checks, answer, j, pending.now_ms))
                 .ok_or_else(|| "short answer from the script".to_string());
-            let _ = pending.reply.send(reply);
+            let _ = pending.reply.send(decision);
+            if j + 1 == size {
+                offset += 1 + 2 * pending.checks.len();
+            }
         }
     }
     for pending in requests {
@@ -460,33 +435,42 @@ fn answer_groups(batch: &mut Vec<Pending>, groups: &[(usize, usize)], values: &[
     }
 }
 
-fn decode(checks: &[Check], values: &[i64], now_ms: i64) -> Decision {
-    let admitted = values.first().copied() == Some(1);
-    let usages: Vec<Usage> = checks
-        .iter()
-        .enumerate()
-        .map(|(i, check)| Usage {
+/// The decision for the `j`-th request (from 0) of a group whose script answer is `answer`
+/// (see [`answer_groups`]); `None` when the answer is malformed.
+fn decide_in_group(checks: &[Check], answer: &[i64], j: usize, now_ms: i64) -> Option<Decision> {
+    let (&admitted, per_limit) = answer.split_first()?;
+    let admitted = usize::try_from(admitted).ok()?;
+    let is_admitted = j < admitted;
+    // Admissions of the group after this request's.
+    let after = i64::try_from(admitted.saturating_sub(j + 1)).ok()?;
+    let mut usages = Vec::with_capacity(checks.len());
+    for (check, pair) in checks.iter().zip(per_limit.chunks_exact(2)) {
+        let (count, retry) = if is_admitted {
+            (pair[0] - after, -1)
+        } else {
+            (pair[0], pair[1])
+        };
+        usages.push(Usage {
             limit: check.limit,
-            count: values
-                .get(1 + 2 * i)
-                .copied()
-                .and_then(|c| u64::try_from(c).ok())
-                .unwrap_or(0),
+            count: u64::try_from(count).unwrap_or(0),
             // The script names the time only for a window that refused; otherwise it is the
             // window's length or the time left in the period.
-            reset_ms: match (values.get(2 + 2 * i).copied(), check.span) {
-                (Some(retry), _) if retry >= 0 => retry,
-                (_, Span::Window(window)) => window,
-                (_, Span::Quota(period)) => period_end(period, now_ms).0 - now_ms,
+            reset_ms: match check.span {
+                _ if retry >= 0 => retry,
+                Span::Window(window) => window,
+                Span::Quota(period) => period_end(period, now_ms).0 - now_ms,
             },
             is_quota: check.is_quota,
-        })
-        .collect();
-    if admitted {
-        return Decision::Admitted(usages);
+        });
+    }
+    if usages.len() != checks.len() {
+        return None;
+    }
+    if is_admitted {
+        return Some(Decision::Admitted(usages));
     }
     let index = usages.iter().position(|u| u.count >= u.limit).unwrap_or(0);
-    Decision::Limited(usages, index)
+    Some(Decision::Limited(usages, index))
 }
 
 /// The node's limiter: Redis when configured (with failure policies), memory otherwise.
@@ -545,10 +529,21 @@ impl Limiter {
     }
 
     /// Decides a request: one Redis round trip, or memory; failure policies when Redis fails.
-    pub async fn decide(&self, checks: &[Check], now_ms: i64) -> Decision {
+    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> Decision {
         if !self.redis_configured {
-            return self.memory.decide(checks, now_ms, 1);
+            return self.memory.decide(&checks, now_ms, 1);
         }
+        // What a failure of Redis leaves to decide: known before the checks go to Redis.
+        let fail_closed = checks.iter().any(|c| c.policy == FailurePolicy::FailClosed);
+        let local: Vec<Check> = if fail_closed {
+            Vec::new()
+        } else {
+            checks
+                .iter()
+                .filter(|c| c.policy == FailurePolicy::Local)
+                .cloned()
+                .collect()
+        };
         let redis = self.redis.load_full();
         if let Some(redis) = redis
             && let Some(decision) = redis.decide(checks, now_ms).await
@@ -556,14 +551,9 @@ impl Limiter {
             return decision;
         }
         self.degraded.fetch_add(1, Ordering::Relaxed);
-        if checks.iter().any(|c| c.policy == FailurePolicy::FailClosed) {
+        if fail_closed {
             return Decision::Unavailable;
         }
-        let local: Vec<Check> = checks
-            .iter()
-            .filter(|c| c.policy == FailurePolicy::Local)
-            .cloned()
-            .collect();
         if local.is_empty() {
             return Decision::Admitted(Vec::new());
         }
@@ -660,7 +650,7 @@ mod tests {
         let t0 = 1_900_000_000_000;
         let decide = |checks: Vec<Check>, now: i64, _: usize| {
             let redis = &redis;
-            async move { redis.decide(&checks, now).await.expect("Redis answers") }
+            async move { redis.decide(checks, now).await.expect("Redis answers") }
         };
 
         // 30 requests queued together (one batch), the second half a millisecond later: all
@@ -773,7 +763,7 @@ mod tests {
         let times: Vec<i64> = (0..2_500).chain(0..10).map(|i| t0 + i).collect();
         let mut counts = Vec::new();
         for now in times {
-            match redis.decide(std::slice::from_ref(&window), now).await {
+            match redis.decide(vec![window.clone()], now).await {
                 Some(Decision::Admitted(usages)) => counts.push(usages[0].count),
                 other => panic!("expected an admission: {other:?}"),
             }
@@ -784,7 +774,7 @@ mod tests {
         // At t0 + 12000 the milliseconds up to t0 + 2000 have left: 2001 of them (1000 per
         // chunk), holding 2011 admissions. 499 remain, and this request makes 500.
         let later = t0 + 12_000;
-        match redis.decide(std::slice::from_ref(&window), later).await {
+        match redis.decide(vec![window.clone()], later).await {
             Some(Decision::Admitted(usages)) => assert_eq!(usages[0].count, 500),
             other => panic!("expected an admission: {other:?}"),
         }
@@ -840,7 +830,7 @@ mod tests {
         let mut look = connection.clone();
         let mut state = async |now: i64, window_ms: i64| {
             let window = check(&key, 1_000, Span::Window(window_ms));
-            let decision = redis.decide(std::slice::from_ref(&window), now).await;
+            let decision = redis.decide(vec![window.clone()], now).await;
             assert!(
                 matches!(decision, Some(Decision::Admitted(_))),
                 "{decision:?}"
@@ -908,7 +898,7 @@ mod tests {
         let one = |now: i64| {
             let (redis, window) = (&redis, &window);
             async move {
-                match redis.decide(std::slice::from_ref(window), now).await {
+                match redis.decide(vec![window.clone()], now).await {
                     Some(Decision::Admitted(usages)) => usages[0].count,
                     other => panic!("expected an admission: {other:?}"),
                 }

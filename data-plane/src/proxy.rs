@@ -227,7 +227,7 @@ async fn proxy(
     let usage = if checks.is_empty() {
         None
     } else {
-        match shared.limiter.decide(&checks, now_ms).await {
+        match shared.limiter.decide(checks, now_ms).await {
             Decision::Admitted(usages) => closest_to_limit(&usages),
             Decision::Limited(usages, index) => {
                 // A refusal always names one of the request's limits.
