@@ -267,6 +267,8 @@ const REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/j
 pub struct Guarded<S> {
     inner: S,
     tracker: Tracker,
+    /// Whether reads go through the tracker (see [`Guarded::skip_scan`]).
+    scanning: bool,
     refusal_written: usize,
     /// Told when writes to the client, or reads of a request body, wait and when they move
     /// (the send and body timeouts).
@@ -279,9 +281,29 @@ impl<S> Guarded<S> {
         Self {
             inner,
             tracker: Tracker::default(),
+            scanning: true,
             refusal_written: 0,
             activity,
         }
+    }
+}
+
+impl<S> Guarded<S> {
+    /// Stops following reads, for a reader that parses every head itself and serves only
+    /// heads the tracker would pass (no `Content-Length`, no `Transfer-Encoding`: the HTTP/1
+    /// fast lane), and calls [`Guarded::resume_scan`] before it hands the connection to a
+    /// parser that does not check (hyper). Such heads leave the tracker where it starts, at a
+    /// fresh head, so it can pick up at the first head the reader did not serve.
+    pub fn skip_scan(&mut self) {
+        self.scanning = false;
+    }
+
+    /// Follows reads again, starting with `read`: bytes already read from the connection that
+    /// the next reader gets first. Returns how many of them may be passed on (fewer when they
+    /// complete a head that must be refused: the guard then answers 400 at the next read).
+    pub fn resume_scan(&mut self, read: &[u8]) -> usize {
+        self.scanning = true;
+        self.tracker.scan(read).unwrap_or(read.len())
     }
 }
 
@@ -317,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             _ => {}
         }
         if let Poll::Ready(Ok(())) = result
+            && this.scanning
             && let Some(keep) = this.tracker.scan(&buf.filled()[before..])
         {
             buf.set_filled(before + keep);

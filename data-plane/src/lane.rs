@@ -55,6 +55,7 @@ use hyper::body::Body;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::framing::Guarded;
 use crate::proxy::ResponseBody;
 use crate::state::Shared;
 use crate::upstream::{RawHeaders, chunk_size_line};
@@ -95,11 +96,14 @@ enum Head {
 
 /// Serves the connection `io` until the client closes it, an I/O error, or the watchdog's
 /// shutdown; or hands it to hyper (see the module doc).
-pub async fn serve<S>(io: S, lane: Lane, max_head: usize) -> Result<(), hyper::Error>
+pub async fn serve<S>(io: Guarded<S>, lane: Lane, max_head: usize) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
+    // The lane parses every head and serves only those without a body: the smuggling guard
+    // need not follow them (it does again from the hand-off on).
+    io.skip_scan();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     loop {
@@ -439,10 +443,13 @@ impl CachedDate {
 
 /// Hands the connection to hyper's HTTP/1 server, `read` (bytes the lane read and did not
 /// consume) first. The watchdog's shutdown becomes hyper's graceful shutdown.
-async fn hand_off<S>(io: S, read: Bytes, lane: &Lane) -> Result<(), hyper::Error>
+async fn hand_off<S>(mut io: Guarded<S>, mut read: Bytes, lane: &Lane) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The guard follows the bytes hyper reads from here, those already read included.
+    let keep = io.resume_scan(&read);
+    read.truncate(keep);
     let service = crate::proxy::service(
         lane.shared.clone(),
         lane.peer,
