@@ -802,6 +802,8 @@ async fn raw_upstream() -> (
                         // Hop-by-hop headers, one of them named by Connection.
                         "/raw/hop" => (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: secret\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok", false),
                         "/raw/truncated" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", true),
+                        // Headers of the names the gateway sets on answers.
+                        own if own.starts_with("/raw/own-ids") => (b"HTTP/1.1 200 OK\r\nX-Request-Id: from-upstream\r\nRateLimit-Limit: 999\r\nratelimit-remaining: 998\r\nRATELIMIT-RESET: 77\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok", false),
                         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
                     };
                     if stream.write_all(answer).await.is_err() || close {
@@ -1599,4 +1601,56 @@ async fn a_client_that_leaves_ends_its_upstream_exchange() {
         )
         .await;
     }
+}
+
+/// The headers the gateway sets on answers (X-Request-Id, and RateLimit-* on a limited route)
+/// replace an upstream's headers of those names: one line each, the gateway's value, whether
+/// the fast lane (HTTP/1.1) or hyper (HTTP/1.0) writes the answer. On a route without a
+/// limit the upstream's RateLimit-* pass through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_answer_headers_replace_the_upstreams() {
+    let s = setup(&[]).await;
+    s.add_raw_upstream().await;
+    s.cp.create(
+        "/routes",
+        json!({"name": "own-ids", "paths": ["/raw/own-ids/limited"], "upstream": "raw",
+               "rate_limit": {"requests": 100, "window_seconds": 60}}),
+    )
+    .await;
+    s.sync().await;
+    let lines = |answer: &str, name: &str| -> Vec<String> {
+        let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+        head.lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    };
+    for (n, version) in ["HTTP/1.1", "HTTP/1.0"].into_iter().enumerate() {
+        let answer = raw_request(
+            s.dp.proxy,
+            format!(
+                "GET /raw/own-ids/limited {version}\r\nHost: x\r\nX-Request-Id: client-id\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with(&format!("{version} 200")), "{answer}");
+        assert_eq!(lines(&answer, "x-request-id"), ["client-id"], "{answer}");
+        assert_eq!(lines(&answer, "ratelimit-limit"), ["100"], "{answer}");
+        assert_eq!(
+            lines(&answer, "ratelimit-remaining"),
+            [format!("{}", 99 - n)],
+            "{answer}"
+        );
+        assert_eq!(lines(&answer, "ratelimit-reset"), ["60"], "{answer}");
+        assert_eq!(lines(&answer, "x-kept"), ["1"], "{answer}");
+    }
+    // Without a limit on the route, only the request id is the gateway's.
+    let answer = raw_request(s.dp.proxy, b"GET /raw/own-ids HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let id = lines(&answer, "x-request-id");
+    assert_eq!(id.len(), 1, "{answer}");
+    assert_ne!(id[0], "from-upstream");
+    assert_eq!(lines(&answer, "ratelimit-limit"), ["999"], "{answer}");
+    assert_eq!(lines(&answer, "ratelimit-reset"), ["77"], "{answer}");
 }
