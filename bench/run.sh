@@ -10,6 +10,10 @@
 #                        adds to each request (X-Forwarded-For/-Proto/-Host, X-Request-Id)
 #                        -> upstream nginx                              127.0.0.1:18083/
 #   tollgate             wrk -> Tollgate data plane -> upstream nginx   127.0.0.1:18090/
+#   tollgate-auth        wrk -> Tollgate data plane (API-key auth only, no limit) -> upstream
+#                                                                       127.0.0.1:18090/auth
+#                        (not measured unless named in TARGETS: it shows what the key costs
+#                        apart from the limit)
 #   tollgate-auth-limit  wrk -> Tollgate data plane (API-key auth + Redis rate limit; every
 #                        request decided by the limiter script, batched: the requests queued
 #                        while one EVALSHA is in flight go in the next) -> upstream
@@ -26,6 +30,8 @@
 #   tollgate  `tollgate data-plane` with TOLLGATE_WORKER_THREADS=1, configured by a
 #             `tollgate control-plane` (embedded SQLite, admin 18091, cluster 18095,
 #             data-plane status 18092) with one upstream and one route `/`.
+#   tollgate-auth  the same data plane process, route `bench-auth` on `/auth` with
+#             `auth: {api_key: {}}`, consumer `bench` with one API key sent by wrk as `X-API-Key`.
 #   tollgate-auth-limit  the same data plane process, route `bench-limited` on `/limited`
 #             with `auth: {api_key: {}}` and `rate_limit: {requests: 1e9, window_seconds: 1,
 #             by: consumer}` (an exact sliding window: a Redis sorted set per consumer, never
@@ -59,6 +65,7 @@
 #                                            tollgate-auth-limit, redis-server if missing)
 # Knobs (environment variables):
 #   TARGETS="direct nginx nginx-fwd tollgate tollgate-auth-limit"   targets measured, in order
+#                   (tollgate-auth can be added)
 #   ROUNDS=3        rounds (each round runs every target once)
 #   DUR=10          seconds per wrk run
 #   CONNS=50        wrk connections
@@ -105,11 +112,13 @@ REDIS_PORT=$((18379 + PORT_OFFSET)) # never the machine's Redis (6379)
 read -r -a TARGETS <<<"${TARGETS:-direct nginx nginx-fwd tollgate tollgate-auth-limit}"
 ((${#TARGETS[@]} > 0)) || { echo 'error: TARGETS is empty' >&2; exit 1; }
 WITH_REDIS=""
+WITH_KEY=""
 for t in "${TARGETS[@]}"; do
   case $t in
     direct | nginx | nginx-fwd | tollgate) ;;
-    tollgate-auth-limit) WITH_REDIS=1 ;;
-    *) printf 'error: unknown target %s (known: direct nginx nginx-fwd tollgate tollgate-auth-limit)\n' "$t" >&2; exit 1 ;;
+    tollgate-auth) WITH_KEY=1 ;;
+    tollgate-auth-limit) WITH_KEY=1 WITH_REDIS=1 ;;
+    *) printf 'error: unknown target %s (known: direct nginx nginx-fwd tollgate tollgate-auth tollgate-auth-limit)\n' "$t" >&2; exit 1 ;;
   esac
 done
 
@@ -337,11 +346,14 @@ admin_post upstreams "{\"name\":\"bench\",\"targets\":[{\"url\":\"http://127.0.0
 admin_post routes '{"name":"bench","paths":["/"],"upstream":"bench"}'
 API_KEY=""
 REDIS_ENV=()
-if [[ -n "$WITH_REDIS" ]]; then
+if [[ -n "$WITH_KEY" ]]; then
   admin_post consumers '{"username":"bench"}'
   admin_post consumers/bench/keys '{}'
   API_KEY=$(sed -n 's/.*"key" *: *"\(tg_[^"]*\)".*/\1/p' <<<"$ADMIN_BODY")
   [[ -n "$API_KEY" ]] || die "no key (tg_...) in the answer of POST /admin/v1/consumers/bench/keys"
+  admin_post routes '{"name":"bench-auth","paths":["/auth"],"upstream":"bench","auth":{"api_key":{}}}'
+fi
+if [[ -n "$WITH_REDIS" ]]; then
   admin_post routes '{"name":"bench-limited","paths":["/limited"],"upstream":"bench","auth":{"api_key":{}},"rate_limit":{"requests":1000000000,"window_seconds":1,"by":"consumer"}}'
   # Redis shares one saturated core with the data plane and the upstream here, so the scheduler
   # alone can hold an answer back for several milliseconds: a timeout of 100 ms (instead of the
@@ -388,12 +400,15 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [nginx-fwd]="http://127.0.0.1:$NGINX_FWD_PORT/"
   [tollgate]="http://127.0.0.1:$TG_PROXY_PORT/"
+  [tollgate-auth]="http://127.0.0.1:$TG_PROXY_PORT/auth"
   [tollgate-auth-limit]="http://127.0.0.1:$TG_PROXY_PORT/limited"
 )
 declare -A PROXY_PID=([direct]="" [nginx]="${PID[nginx]}" [nginx-fwd]="${PID[nginx]}"
   [tollgate]="${PID[tollgate]}"
-  [tollgate-auth-limit]="${PID[tollgate]}")
-declare -A WRK_HEADER=([direct]="" [nginx]="" [nginx-fwd]="" [tollgate]="" [tollgate-auth-limit]="")
+  [tollgate-auth]="${PID[tollgate]}" [tollgate-auth-limit]="${PID[tollgate]}")
+declare -A WRK_HEADER=([direct]="" [nginx]="" [nginx-fwd]="" [tollgate]="" [tollgate-auth]=""
+  [tollgate-auth-limit]="")
+[[ -z "$WITH_KEY" ]] || WRK_HEADER[tollgate-auth]="X-API-Key: $API_KEY"
 
 if [[ -n "$WITH_REDIS" ]]; then
   WRK_HEADER[tollgate-auth-limit]="X-API-Key: $API_KEY"
@@ -576,7 +591,7 @@ fmt() { # PRINTF-FORMAT VALUE: VALUE formatted, or as is when it is not a number
 sum() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-") print "-"; else print a + b }'; }
 
 declare -A MED_RPS MED_CPU MED_RCPU
-for t in direct nginx nginx-fwd tollgate tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]=- MED_RCPU[$t]=-; done
+for t in direct nginx nginx-fwd tollgate tollgate-auth tollgate-auth-limit; do MED_RPS[$t]=- MED_CPU[$t]=- MED_RCPU[$t]=-; done
 {
   echo
   echo "medians of $ROUNDS x ${DUR}s runs (wrk -t1 -c$CONNS; servers on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU)"
@@ -592,7 +607,7 @@ for t in direct nginx nginx-fwd tollgate tollgate-auth-limit; do MED_RPS[$t]=- M
   done
   echo "tollgate/nginx rps:                                  $(ratio "${MED_RPS[tollgate]}" "${MED_RPS[nginx]}")"
   echo "tollgate/nginx CPU-us/req:                           $(ratio "${MED_CPU[tollgate]}" "${MED_CPU[nginx]}")"
-  for t in tollgate tollgate-auth-limit; do
+  for t in tollgate tollgate-auth tollgate-auth-limit; do
     [[ " ${TARGETS[*]} " == *" $t "* && " ${TARGETS[*]} " == *" nginx "* ]] || continue
     printf '%-52s %s\n' "$t/nginx rps, paired per round:" "$(paired "$t" 3)"
     printf '%-52s %s\n' "$t/nginx CPU-us/req, paired per round:" "$(paired "$t" 6)"
@@ -682,6 +697,7 @@ if [[ -n "${INSTRUCTIONS:-}" ]]; then
   PROXY_PID[nginx]=${PID[nginx]}
   PROXY_PID[nginx-fwd]=${PID[nginx]}
   PROXY_PID[tollgate]=${PID[tollgate]}
+  PROXY_PID[tollgate-auth]=${PID[tollgate]}
   PROXY_PID[tollgate-auth-limit]=${PID[tollgate]}
   declare -A IR
   {
