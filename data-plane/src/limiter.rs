@@ -206,7 +206,15 @@ struct Pending {
     now_ms: i64,
     /// Its limits (moved here, not copied: the batching task decides the request).
     checks: Vec<Check>,
-    reply: tokio::sync::oneshot::Sender<Result<Decision, String>>,
+    /// The decision, or why there is none, with the checks back (for the failure policies).
+    reply: tokio::sync::oneshot::Sender<Result<Decision, (String, Vec<Check>)>>,
+}
+
+impl Pending {
+    /// Answers that Redis did not decide this request.
+    fn fail(self, error: String) {
+        let _ = self.reply.send(Err((error, self.checks)));
+    }
 }
 
 /// One limit as the script takes it: key, kind (1 window, 2 quota), limit, and the window's
@@ -244,10 +252,11 @@ impl RedisLimiter {
         })
     }
 
-    /// Decides one request; `None` when Redis is unavailable (error, timeout, breaker open).
-    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> Option<Decision> {
+    /// Decides one request; when Redis is unavailable (error, timeout, breaker open), gives
+    /// its checks back (empty if they were lost with the batching task).
+    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> Result<Decision, Vec<Check>> {
         if self.open_until_ms.load(Ordering::Relaxed) > now_ms {
-            return None;
+            return Err(checks);
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending {
@@ -259,11 +268,12 @@ impl RedisLimiter {
         // No timer here: the batching task answers every request within two timeouts (the
         // wait for its batch, then its call), and an answer that comes is the decision Redis
         // made and counted.
+        let stopped = || "the batching task stopped".to_string();
         let result = match self.queue.send(pending) {
             Ok(()) => answer
                 .await
-                .unwrap_or_else(|_| Err("the batching task stopped".to_string())),
-            Err(_) => Err("the batching task stopped".to_string()),
+                .unwrap_or_else(|_| Err((stopped(), Vec::new()))),
+            Err(unsent) => Err((stopped(), unsent.0.checks)),
         };
         match result {
             Ok(decision) => {
@@ -271,16 +281,16 @@ impl RedisLimiter {
                 if failed > 0 {
                     tracing::info!(failed, "rate-limit store available again");
                 }
-                Some(decision)
+                Ok(decision)
             }
-            Err(error) => {
+            Err((error, checks)) => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 self.open_until_ms
                     .store(now_ms + BREAKER_OPEN_MS, Ordering::Relaxed);
                 if failures == 1 {
                     tracing::warn!(%error, "rate-limit store unavailable");
                 }
-                None
+                Err(checks)
             }
         }
     }
@@ -304,9 +314,7 @@ async fn run_batches(
             pending.reply.is_closed() || started.saturating_duration_since(pending.queued) > timeout
         };
         for pending in batch.extract_if(.., stale) {
-            let _ = pending
-                .reply
-                .send(Err(format!("waited over {timeout:?} for a batch")));
+            pending.fail(format!("waited over {timeout:?} for a batch"));
         }
         if batch.is_empty() {
             continue;
@@ -322,7 +330,7 @@ async fn run_batches(
             Ok(values) => answer_groups(&mut batch, &groups, &values),
             Err(error) => {
                 for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(error.clone()));
+                    pending.fail(error.clone());
                 }
             }
         }
@@ -418,20 +426,23 @@ fn answer_groups(batch: &mut Vec<Pending>, sizes: &[usize], values: &[i64]) {
                 return;
             };
             // Every request of a group has the same limits.
-            let answer = values.get(offset..offset + 1 + 2 * pending.checks.len());
-            let decision = answer
-                .and_then(|answer| decide_in_group(&pending.checks, answer, j, pending.now_ms))
-                .ok_or_else(|| "short answer from the script".to_string());
-            let _ = pending.reply.send(decision);
+            let limits = pending.checks.len();
+            let decision = values
+                .get(offset..offset + 1 + 2 * limits)
+                .and_then(|answer| decide_in_group(&pending.checks, answer, j, pending.now_ms));
+            match decision {
+                Some(decision) => {
+                    let _ = pending.reply.send(Ok(decision));
+                }
+                None => pending.fail("short answer from the script".to_string()),
+            }
             if j + 1 == size {
-                offset += 1 + 2 * pending.checks.len();
+                offset += 1 + 2 * limits;
             }
         }
     }
     for pending in requests {
-        let _ = pending
-            .reply
-            .send(Err("short answer from the script".to_string()));
+        pending.fail("short answer from the script".to_string());
     }
 }
 
@@ -533,27 +544,25 @@ impl Limiter {
         if !self.redis_configured {
             return self.memory.decide(&checks, now_ms, 1);
         }
-        // What a failure of Redis leaves to decide: known before the checks go to Redis.
+        // Known before the checks go to Redis (they come back when Redis fails, unless they
+        // were lost with the batching task).
         let fail_closed = checks.iter().any(|c| c.policy == FailurePolicy::FailClosed);
-        let local: Vec<Check> = if fail_closed {
-            Vec::new()
-        } else {
-            checks
-                .iter()
-                .filter(|c| c.policy == FailurePolicy::Local)
-                .cloned()
-                .collect()
-        };
         let redis = self.redis.load_full();
-        if let Some(redis) = redis
-            && let Some(decision) = redis.decide(checks, now_ms).await
-        {
-            return decision;
-        }
+        let checks = match redis {
+            Some(redis) => match redis.decide(checks, now_ms).await {
+                Ok(decision) => return decision,
+                Err(checks) => checks,
+            },
+            None => checks,
+        };
         self.degraded.fetch_add(1, Ordering::Relaxed);
         if fail_closed {
             return Decision::Unavailable;
         }
+        let local: Vec<Check> = checks
+            .into_iter()
+            .filter(|c| c.policy == FailurePolicy::Local)
+            .collect();
         if local.is_empty() {
             return Decision::Admitted(Vec::new());
         }
@@ -764,7 +773,7 @@ mod tests {
         let mut counts = Vec::new();
         for now in times {
             match redis.decide(vec![window.clone()], now).await {
-                Some(Decision::Admitted(usages)) => counts.push(usages[0].count),
+                Ok(Decision::Admitted(usages)) => counts.push(usages[0].count),
                 other => panic!("expected an admission: {other:?}"),
             }
         }
@@ -775,7 +784,7 @@ mod tests {
         // chunk), holding 2011 admissions. 499 remain, and this request makes 500.
         let later = t0 + 12_000;
         match redis.decide(vec![window.clone()], later).await {
-            Some(Decision::Admitted(usages)) => assert_eq!(usages[0].count, 500),
+            Ok(Decision::Admitted(usages)) => assert_eq!(usages[0].count, 500),
             other => panic!("expected an admission: {other:?}"),
         }
         let mut connection = machine_redis().await;
@@ -832,7 +841,7 @@ mod tests {
             let window = check(&key, 1_000, Span::Window(window_ms));
             let decision = redis.decide(vec![window.clone()], now).await;
             assert!(
-                matches!(decision, Some(Decision::Admitted(_))),
+                matches!(decision, Ok(Decision::Admitted(_))),
                 "{decision:?}"
             );
             let state: (i64, i64, Option<i64>) = redis::pipe()
@@ -899,7 +908,7 @@ mod tests {
             let (redis, window) = (&redis, &window);
             async move {
                 match redis.decide(vec![window.clone()], now).await {
-                    Some(Decision::Admitted(usages)) => usages[0].count,
+                    Ok(Decision::Admitted(usages)) => usages[0].count,
                     other => panic!("expected an admission: {other:?}"),
                 }
             }
