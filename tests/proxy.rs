@@ -659,9 +659,16 @@ async fn raw_upstream() -> (
 ) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+    // Small socket buffers (inherited by accepted connections): what the kernel holds between
+    // the proxy and this upstream stays far below the bodies the tests stream, so a proxy
+    // that waited for one direction before the other would stall here.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    socket.set_send_buffer_size(64 * 1024).expect("SO_SNDBUF");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
         .expect("bind");
+    let listener = socket.listen(128).expect("listen");
     let addr = listener.local_addr().expect("addr");
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
@@ -1170,8 +1177,8 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         before + 1
     );
-    // An early success from an upstream that still reads: the body goes whole, then the answer.
-    // Its connection stays pooled: this and the requests below all reuse the one that just
+    // An early success from an upstream that still reads: the answer is passed on and the body
+    // goes whole while it streams. Its connection stays pooled: this and the requests below all reuse the one that just
     // answered /raw/keep.
     let kept_before = accepted.load(std::sync::atomic::Ordering::SeqCst);
     let body = vec![b'y'; 512 * 1024];
@@ -1186,8 +1193,10 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
     assert_eq!(response.text().await.expect("body"), "0000524288");
 
     // One that echoes the body as it reads it: the body goes whole and the echo comes back
-    // intact (what arrived while the body was still being written included).
-    let body: Vec<u8> = (0..768 * 1024).map(|i| (i % 251) as u8).collect();
+    // intact, both at once: 16 MiB is far more than the sockets between the proxy and the
+    // upstream hold, so an echo that waited for the body to be sent whole (or the body for
+    // the echo to be read) would stall.
+    let body: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let response = s
         .client
         .post(s.dp.url("/raw/early-echo"))

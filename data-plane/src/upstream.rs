@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,9 +39,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Read buffer for a response head (and a small body that comes with it).
 const HEAD_CHUNK: usize = 4 * 1024;
-/// Most response bytes buffered while a request body is still being written after an early
-/// success (then the write goes on alone).
-const EARLY_READ_CAP: usize = 1024 * 1024;
 /// Read buffer growth step for bodies.
 const READ_CHUNK: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) and total trailer section accepted.
@@ -354,10 +350,11 @@ async fn exchange(
     } else {
         buf.clear();
     }
-    let ((parts, framing, reusable, raw), sent_whole) = match body {
+    let ((parts, framing, reusable, raw), sent_whole, sending) = match body {
         None => (
             read_answer(&mut stream, &mut buf, method, request.raw_answer).await?,
             true,
+            None,
         ),
         // On the heap: streaming a body makes a large future, which a bodyless request should
         // not carry (and move) along.
@@ -378,34 +375,36 @@ async fn exchange(
         framing,
         reusable: reusable && sent_whole,
         raw,
+        sending,
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
 }
 
 /// Streams the request body, then reads the final answer unless one came while it streamed;
-/// with whether the body went whole.
+/// with whether the body went whole, and the body's writer when an early success came while
+/// it streamed (the response body carries on with it).
 async fn send_body_then_answer(
     stream: &mut TcpStream,
-    mut body: CappedBody,
+    body: CappedBody,
     chunked: bool,
     buf: &mut BytesMut,
     method: &Method,
-) -> Result<(Answer, bool), SendError> {
-    match send_body_watching(stream, &mut body, chunked, buf, method).await {
-        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method, None).await?, true)),
-        Ok(BodyOutcome::Answered { answer, whole }) => {
-            if !whole {
-                // The upstream sees the end of our side instead of waiting for bytes that
-                // will not come; the client finishes sending so that it can read the answer.
-                let _ = stream.shutdown().await;
-                body.discard_rest().await;
-            }
-            Ok((answer, whole))
+) -> Result<(Answer, bool, Option<Box<BodyWriter>>), SendError> {
+    let mut writer = Box::new(BodyWriter::new(body, chunked));
+    match send_body_watching(stream, &mut writer, buf, method).await {
+        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method, None).await?, true, None)),
+        Ok(BodyOutcome::Refused(answer)) => {
+            // The upstream sees the end of our side instead of waiting for bytes that will
+            // not come; the client finishes sending so that it can read the answer.
+            let _ = stream.shutdown().await;
+            writer.body.discard_rest().await;
+            Ok((answer, false, None))
         }
+        Ok(BodyOutcome::Duplex(answer)) => Ok((answer, true, Some(writer))),
         Err(SendError::BodyOverLimit) => {
             // The client gets a 413: let it finish sending so that it can read it.
-            body.discard_rest().await;
+            writer.body.discard_rest().await;
             Err(SendError::BodyOverLimit)
         }
         Err(SendError::Io(error)) => {
@@ -414,8 +413,8 @@ async fn send_body_then_answer(
             let answer = read_answer(stream, buf, method, None)
                 .await
                 .map_err(|_| SendError::Io(error))?;
-            body.discard_rest().await;
-            Ok((answer, false))
+            writer.body.discard_rest().await;
+            Ok((answer, false, None))
         }
         Err(error) => Err(error),
     }
@@ -429,51 +428,40 @@ type Answer = (http::response::Parts, Framing, bool, Option<RawHeaders>);
 enum BodyOutcome {
     /// Sent whole, no answer yet.
     Sent,
-    /// A final answer came while it was streaming; `whole`: the body was still sent whole.
-    Answered { answer: Answer, whole: bool },
+    /// An early error answer (4xx/5xx) came while it was streaming: the rest is not sent.
+    Refused(Answer),
+    /// An early success came while it was streaming: the rest goes on while the answer
+    /// streams back.
+    Duplex(Answer),
 }
 
 /// Streams the request body while watching the connection for an early answer (interim 1xx
 /// answers are skipped). An early error (4xx/5xx) means the upstream does not want the rest
-/// (RFC 9112 §9.5): sending stops and our side is shut down. An early success (an upstream
-/// answering while it still reads) gets the body whole first, as it may need it to finish
-/// its answer; what it sends meanwhile is buffered, up to [`EARLY_READ_CAP`].
+/// (RFC 9112 §9.5): sending stops. An early success (an upstream answering as it reads, such
+/// as an echo) still gets the whole body, which it may need to finish its answer: the answer
+/// is passed on at once and the response body writes the rest of the request body as it
+/// reads the answer (both ways at once, so neither side stalls on a full socket).
 async fn send_body_watching(
     stream: &mut TcpStream,
-    body: &mut CappedBody,
-    chunked: bool,
+    writer: &mut BodyWriter,
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<BodyOutcome, SendError> {
-    let (mut reader, mut writer) = stream.split();
-    let write = write_body(&mut writer, body, chunked);
-    tokio::pin!(write);
+    let (mut reader, mut write_half) = stream.split();
     loop {
         tokio::select! {
             biased;
-            written = &mut write => return written.map(|()| BodyOutcome::Sent),
+            written = std::future::poll_fn(|cx| writer.poll_write(cx, &mut write_half)) => {
+                return written.map(|()| BodyOutcome::Sent);
+            }
             read = reader.read_buf(buf) => match read {
                 Ok(read) if read > 0 => {
                     if let Some(answer) = final_answer(buf, method, None)? {
-                        if answer.0.status.as_u16() >= 400 {
-                            return Ok(BodyOutcome::Answered { answer, whole: false });
-                        }
-                        // A success while the body streams: the body goes on whole, while
-                        // what the upstream sends meanwhile is read (up to a bound) so that
-                        // one answering as it reads does not stall on a full socket.
-                        let mut chunk = vec![0u8; 16 * 1024]; // on the heap: this path is rare
-                        loop {
-                            tokio::select! {
-                                biased;
-                                written = &mut write => return after_early(written, answer),
-                                read = reader.read(&mut chunk), if buf.len() < EARLY_READ_CAP => {
-                                    match read {
-                                        Ok(read) if read > 0 => buf.extend_from_slice(&chunk[..read]),
-                                        _ => return after_early(write.await, answer),
-                                    }
-                                }
-                            }
-                        }
+                        return Ok(if answer.0.status.as_u16() >= 400 {
+                            BodyOutcome::Refused(answer)
+                        } else {
+                            BodyOutcome::Duplex(answer)
+                        });
                     }
                     if buf.len() >= MAX_HEAD {
                         return Err(SendError::BadResponse("response head too large".into()));
@@ -481,25 +469,13 @@ async fn send_body_watching(
                     buf.reserve(HEAD_CHUNK);
                 }
                 // Closed or failed for reading: the write finds out how things stand.
-                _ => return write.await.map(|()| BodyOutcome::Sent),
+                _ => {
+                    return std::future::poll_fn(|cx| writer.poll_write(cx, &mut write_half))
+                        .await
+                        .map(|()| BodyOutcome::Sent);
+                }
             },
         }
-    }
-}
-
-/// The outcome of finishing the body after an early success: a body cut by a failed write
-/// still leaves the answer, on a connection not to be reused.
-fn after_early(written: Result<(), SendError>, answer: Answer) -> Result<BodyOutcome, SendError> {
-    match written {
-        Ok(()) => Ok(BodyOutcome::Answered {
-            answer,
-            whole: true,
-        }),
-        Err(SendError::Io(_)) => Ok(BodyOutcome::Answered {
-            answer,
-            whole: false,
-        }),
-        Err(error) => Err(error),
     }
 }
 
@@ -614,39 +590,94 @@ fn encode_head(head: &RequestHead<'_>, chunked: bool) -> Result<BytesMut, SendEr
     Ok(out)
 }
 
-async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
-    stream: &mut W,
-    body: &mut CappedBody,
+/// A request body being written to the upstream: a state, not a future, so that the response
+/// body can carry on with it after an early success ([`BodyOutcome::Duplex`]).
+struct BodyWriter {
+    body: CappedBody,
     chunked: bool,
-) -> Result<(), SendError> {
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) if error.is::<BodyOverLimit>() => return Err(SendError::BodyOverLimit),
-            Err(error) if error.is::<BodyStalled>() => return Err(SendError::BodyTimeout),
-            Err(error) => return Err(SendError::Body(error.to_string())),
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers are not forwarded
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            let mut line = [0u8; 18];
-            stream
-                .write_all(chunk_size_line(data.len(), &mut line))
-                .await?;
-            stream.write_all(&data).await?;
-            stream.write_all(b"\r\n").await?;
-        } else {
-            stream.write_all(&data).await?;
+    /// What is left to write of the current frame, with its chunk framing.
+    segments: VecDeque<Bytes>,
+    /// The body ended (its last chunk, if chunked, is in `segments`).
+    ended: bool,
+}
+
+impl BodyWriter {
+    fn new(body: CappedBody, chunked: bool) -> Self {
+        Self {
+            body,
+            chunked,
+            segments: VecDeque::with_capacity(3),
+            ended: false,
         }
     }
-    if chunked {
-        stream.write_all(b"0\r\n\r\n").await?;
+
+    /// Writes what the body has ready, and waits for more, until all of it is written.
+    fn poll_write<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut W,
+    ) -> Poll<Result<(), SendError>> {
+        loop {
+            while let Some(front) = self.segments.front_mut() {
+                match Pin::new(&mut *stream).poll_write(cx, front) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(written)) => {
+                        front.advance(written);
+                        if front.is_empty() {
+                            self.segments.pop_front();
+                        }
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Io(error))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.segments.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+                Some(Err(error)) if error.is::<BodyOverLimit>() => {
+                    return Poll::Ready(Err(SendError::BodyOverLimit));
+                }
+                Some(Err(error)) if error.is::<BodyStalled>() => {
+                    return Poll::Ready(Err(SendError::BodyTimeout));
+                }
+                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.to_string()))),
+                // Trailers are not forwarded.
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if self.chunked {
+                        let mut line = [0u8; 18];
+                        self.segments
+                            .push_back(Bytes::copy_from_slice(chunk_size_line(
+                                data.len(),
+                                &mut line,
+                            )));
+                        self.segments.push_back(data);
+                        self.segments.push_back(Bytes::from_static(b"\r\n"));
+                    } else {
+                        self.segments.push_back(data);
+                    }
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 /// How the response body is delimited.
@@ -880,6 +911,8 @@ pub struct UpstreamResponseBody {
     reusable: bool,
     /// The answer's headers, when asked for as lines ([`RequestHead::raw_answer`]).
     raw: Option<RawHeaders>,
+    /// The rest of the request body, still being written after an early success.
+    sending: Option<Box<BodyWriter>>,
 }
 
 impl UpstreamResponseBody {
@@ -902,6 +935,8 @@ impl UpstreamResponseBody {
             && let Some((stream, host)) = self.conn.take()
             && self.reusable
             && self.buf.is_empty()
+            // An answer that ended before the request body: the connection is closed.
+            && self.sending.take().is_none()
         {
             host.checkin(stream);
         }
@@ -1036,6 +1071,23 @@ impl Body for UpstreamResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         loop {
+            // The rest of the request body, when the upstream answered early (it reads while
+            // it answers): written as far as it goes before each read of the answer.
+            if let Some(writer) = this.sending.as_mut()
+                && let Some((stream, _)) = this.conn.as_mut()
+            {
+                match writer.poll_write(cx, stream) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => this.sending = None,
+                    Poll::Ready(Err(error)) => {
+                        // The upstream sees our side end; its answer may still come whole.
+                        tracing::debug!(%error, "request body cut after an early answer");
+                        this.sending = None;
+                        this.reusable = false;
+                        let _ = tokio::io::AsyncWrite::poll_shutdown(Pin::new(stream), cx);
+                    }
+                }
+            }
             match this.next_from_buffer() {
                 Ok(Some(data)) => {
                     this.finish_if_done();
@@ -1104,6 +1156,7 @@ mod tests {
             framing,
             reusable: false,
             raw: None,
+            sending: None,
         };
         let mut out = Vec::new();
         while let Some(data) = body.next_from_buffer()? {
@@ -1276,6 +1329,7 @@ mod tests {
             framing: Framing::Chunked(Chunk::Size),
             reusable: false,
             raw: None,
+            sending: None,
         };
         let mut out = Vec::new();
         for byte in wire {
