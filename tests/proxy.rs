@@ -681,15 +681,13 @@ async fn raw_upstream() -> (
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
                 loop {
-                    let mut chunk = [0u8; 4096];
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..n]);
+                    // A head already read (behind a body) is served before reading more.
                     let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
                         continue;
                     };
                     let head = String::from_utf8_lossy(&buffer[..end]).to_string();
@@ -746,6 +744,27 @@ async fn raw_upstream() -> (
                         {
                             return;
                         }
+                        continue;
+                    }
+                    if path == "/raw/early-done" {
+                        // Answers 200 whole at once, then reads (and drops) the body: keep-alive
+                        // goes on only if the proxy sends the body whole after the answer.
+                        let length = content_length_of(&head);
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        while buffer.len() < length {
+                            let mut chunk = [0u8; 16384];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.drain(..length);
                         continue;
                     }
                     if path == "/raw/early-close" || path == "/raw/early-open" {
@@ -1209,6 +1228,23 @@ async fn early_upstream_answers_reach_the_client_while_the_body_is_still_coming(
         response.bytes().await.expect("body") == body,
         "echo differs"
     );
+
+    // One that answers whole at once and reads the body afterwards: the answer comes back, the
+    // body still goes whole (the client's body is read to its end, the connection is kept).
+    // (A raw client that sends its whole body whatever comes back; some clients stop sending
+    // once they have the whole answer, as they would talking to the upstream itself.)
+    let mut client = raw_connection(
+        s.dp.proxy,
+        b"POST /raw/early-done HTTP/1.1\r\nHost: a\r\nContent-Length: 4194304\r\n\r\n",
+    )
+    .await;
+    client
+        .write_all(&vec![b'z'; 4 * 1024 * 1024])
+        .await
+        .expect("body");
+    let answer = read_response(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\ndone"), "{answer}");
 
     // Those connections were kept: no new one was opened for them or for the next request.
     assert_eq!(s.get("/raw/keep", &[]).await.0, 200);

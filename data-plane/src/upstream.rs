@@ -376,6 +376,7 @@ async fn exchange(
         reusable: reusable && sent_whole,
         raw,
         sending,
+        held: None,
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
@@ -913,6 +914,9 @@ pub struct UpstreamResponseBody {
     raw: Option<RawHeaders>,
     /// The rest of the request body, still being written after an early success.
     sending: Option<Box<BodyWriter>>,
+    /// The answer's last bytes, held back until the request body has gone whole (see
+    /// `poll_frame`).
+    held: Option<Bytes>,
 }
 
 impl UpstreamResponseBody {
@@ -931,12 +935,12 @@ impl UpstreamResponseBody {
         if matches!(self.framing, Framing::Length(0)) {
             self.framing = Framing::Done;
         }
+        // After an early answer, the request body is sent whole first (see `poll_frame`).
         if self.framing == Framing::Done
+            && self.sending.is_none()
             && let Some((stream, host)) = self.conn.take()
             && self.reusable
             && self.buf.is_empty()
-            // An answer that ended before the request body: the connection is closed.
-            && self.sending.take().is_none()
         {
             host.checkin(stream);
         }
@@ -1088,12 +1092,40 @@ impl Body for UpstreamResponseBody {
                     }
                 }
             }
+            if let Some(data) = this.held.take() {
+                if this.sending.is_some() && this.conn.is_some() {
+                    this.held = Some(data);
+                    return Poll::Pending;
+                }
+                this.sending = None;
+                this.finish_if_done();
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
             match this.next_from_buffer() {
+                // An answer that ends before the request body did (an upstream that answers at
+                // once and reads the body afterwards, or discards it): its last bytes wait
+                // until the body has gone whole (the writer, polled above, wakes this task).
+                // A client that has the whole answer may stop sending (and a server that wrote
+                // a whole answer stops reading the body, closing on what is left, which can
+                // reset the connection before the client reads the answer); this way the
+                // client's body is read to its end and the upstream connection can be reused.
+                Ok(Some(data))
+                    if this.sending.is_some()
+                        && this.conn.is_some()
+                        && matches!(this.framing, Framing::Length(0) | Framing::Done) =>
+                {
+                    this.held = Some(data);
+                    continue;
+                }
                 Ok(Some(data)) => {
                     this.finish_if_done();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(None) if this.framing == Framing::Done => {
+                    if this.sending.is_some() && this.conn.is_some() {
+                        return Poll::Pending;
+                    }
+                    this.sending = None;
                     this.finish_if_done();
                     return Poll::Ready(None);
                 }
@@ -1133,7 +1165,7 @@ impl Body for UpstreamResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        self.framing == Framing::Done && self.sending.is_none() && self.held.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1157,6 +1189,7 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
+            held: None,
         };
         let mut out = Vec::new();
         while let Some(data) = body.next_from_buffer()? {
@@ -1330,6 +1363,7 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
+            held: None,
         };
         let mut out = Vec::new();
         for byte in wire {
