@@ -718,43 +718,18 @@ async fn raw_upstream() -> (
                         }
                         continue;
                     }
-                    if path == "/raw/early-ok" {
-                        // Answers 200 at once, then reads the whole body and ends the answer
-                        // with its size: it needs the body sent whole after its early answer.
+                    // Both answer 200 at once, then read (and drop) the whole body:
+                    // early-ok then ends its answer with the body's size (it needs the body
+                    // sent whole after its early answer); early-done's answer is whole at once
+                    // (keep-alive goes on only if the proxy still sends the body whole).
+                    if path == "/raw/early-ok" || path == "/raw/early-done" {
                         let length = content_length_of(&head);
-                        if stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        while buffer.len() < length {
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buffer.drain(..length);
-                        if stream
-                            .write_all(format!("{length:010}").as_bytes())
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                    if path == "/raw/early-done" {
-                        // Answers 200 whole at once, then reads (and drops) the body: keep-alive
-                        // goes on only if the proxy sends the body whole after the answer.
-                        let length = content_length_of(&head);
-                        if stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
-                            .await
-                            .is_err()
-                        {
+                        let answer: &[u8] = if path == "/raw/early-ok" {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone"
+                        };
+                        if stream.write_all(answer).await.is_err() {
                             return;
                         }
                         while buffer.len() < length {
@@ -765,6 +740,14 @@ async fn raw_upstream() -> (
                             }
                         }
                         buffer.drain(..length);
+                        if path == "/raw/early-ok"
+                            && stream
+                                .write_all(format!("{length:010}").as_bytes())
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
                         continue;
                     }
                     if path == "/raw/early-close" || path == "/raw/early-open" {
