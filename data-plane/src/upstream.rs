@@ -1169,9 +1169,11 @@ impl Body for UpstreamResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Bytes held back (see `poll_frame`) are still to come.
+        let held = self.held.as_ref().map_or(0, |data| data.len() as u64);
         match self.framing {
-            Framing::Length(remaining) => SizeHint::with_exact(remaining),
-            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(remaining) => SizeHint::with_exact(remaining + held),
+            Framing::Done => SizeHint::with_exact(held),
             _ => SizeHint::default(),
         }
     }
