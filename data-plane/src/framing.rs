@@ -14,7 +14,9 @@
 //! request, let alone forwards it); the guard itself answers `400 Bad Request` with a JSON body
 //! (`code: bad_request`) and ends the connection. Bodies are followed (by `Content-Length`, or chunk by chunk) so that body bytes
 //! are never mistaken for a head. HTTP/2 connections and anything the guard cannot follow are
-//! passed through untouched to hyper, whose parser stays authoritative.
+//! passed through untouched to hyper, whose parser stays authoritative. The HTTP/1 fast lane
+//! (`lane.rs`), which parses heads itself and serves none with a body, has the guard skip its
+//! heads and resume at the hand-off to hyper ([`Guarded::skip_scan`]).
 
 use std::io;
 use std::pin::Pin;

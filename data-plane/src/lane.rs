@@ -33,9 +33,11 @@
 //! looks only while it holds none of the client's bytes.
 //!
 //! **Timeouts and shutdown** stay the watchdog's ([`crate::watchdog`]): the lane counts its
-//! requests in flight the same way, its reads and writes go through the framing guard, and
-//! the watchdog's "shut down" (idle timeout, or the server draining) sets a flag the lane looks
-//! at whenever it waits for a request: it then ends, after the answer in progress if any.
+//! requests in flight the same way, its reads and writes go through the framing guard (which
+//! tells the watchdog when writes wait; it does not scan the heads the lane parses itself, and
+//! scans again from the hand-off on, the bytes already read included), and the watchdog's
+//! "shut down" (idle timeout, or the server draining) sets a flag the lane looks at whenever it
+//! waits for a request: it then ends, after the answer in progress if any.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
