@@ -140,8 +140,8 @@ where
         // While the answer is pending, a client that leaves ends the request (its upstream
         // exchange is dropped), as with hyper. Like hyper, the lane looks only while it holds
         // none of the client's bytes: once some came (a pipelined request), they wait for
-        // their turn and nothing more is read (the framing guard answers a refused head on a
-        // read, which must come after this answer). After a read that emptied the socket,
+        // their turn and nothing more is read (a head the framing guard refuses, after the
+        // hand-off, is answered after this answer). After a read that emptied the socket,
         // looking costs no system call: the runtime knows the socket has nothing more.
         let mut handled = pin!(crate::proxy::handle_parts(
             lane.shared.clone(),

@@ -376,7 +376,6 @@ async fn exchange(
         reusable: reusable && sent_whole,
         raw,
         sending,
-        held: None,
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
@@ -600,6 +599,9 @@ struct BodyWriter {
     segments: VecDeque<Bytes>,
     /// The body ended (its last chunk, if chunked, is in `segments`).
     ended: bool,
+    /// The answer's last bytes, held back until this body has gone whole (see
+    /// `UpstreamResponseBody::poll_frame`).
+    held: Option<Bytes>,
 }
 
 impl BodyWriter {
@@ -609,6 +611,7 @@ impl BodyWriter {
             chunked,
             segments: VecDeque::with_capacity(3),
             ended: false,
+            held: None,
         }
     }
 
@@ -914,9 +917,6 @@ pub struct UpstreamResponseBody {
     raw: Option<RawHeaders>,
     /// The rest of the request body, still being written after an early success.
     sending: Option<Box<BodyWriter>>,
-    /// The answer's last bytes, held back until the request body has gone whole (see
-    /// `poll_frame`).
-    held: Option<Bytes>,
 }
 
 impl UpstreamResponseBody {
@@ -1081,25 +1081,22 @@ impl Body for UpstreamResponseBody {
                 && let Some((stream, _)) = this.conn.as_mut()
             {
                 match writer.poll_write(cx, stream) {
+                    // The answer's last bytes wait for the body (see below).
+                    Poll::Pending if writer.held.is_some() => return Poll::Pending,
                     Poll::Pending => {}
-                    Poll::Ready(Ok(())) => this.sending = None,
-                    Poll::Ready(Err(error)) => {
-                        // The upstream sees our side end; its answer may still come whole.
-                        tracing::debug!(%error, "request body cut after an early answer");
-                        this.sending = None;
-                        this.reusable = false;
-                        let _ = tokio::io::AsyncWrite::poll_shutdown(Pin::new(stream), cx);
+                    Poll::Ready(written) => {
+                        if let Err(error) = written {
+                            // The upstream sees our side end; its answer may still come whole.
+                            tracing::debug!(%error, "request body cut after an early answer");
+                            this.reusable = false;
+                            let _ = tokio::io::AsyncWrite::poll_shutdown(Pin::new(stream), cx);
+                        }
+                        if let Some(data) = this.sending.take().and_then(|writer| writer.held) {
+                            this.finish_if_done();
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
                     }
                 }
-            }
-            if let Some(data) = this.held.take() {
-                if this.sending.is_some() && this.conn.is_some() {
-                    this.held = Some(data);
-                    return Poll::Pending;
-                }
-                this.sending = None;
-                this.finish_if_done();
-                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             match this.next_from_buffer() {
                 // An answer that ends before the request body did (an upstream that answers at
@@ -1114,7 +1111,9 @@ impl Body for UpstreamResponseBody {
                         && this.conn.is_some()
                         && matches!(this.framing, Framing::Length(0) | Framing::Done) =>
                 {
-                    this.held = Some(data);
+                    if let Some(writer) = this.sending.as_mut() {
+                        writer.held = Some(data);
+                    }
                     continue;
                 }
                 Ok(Some(data)) => {
@@ -1125,9 +1124,10 @@ impl Body for UpstreamResponseBody {
                     if this.sending.is_some() && this.conn.is_some() {
                         return Poll::Pending;
                     }
-                    this.sending = None;
+                    // The connection gone: what was held goes out as it is.
+                    let held = this.sending.take().and_then(|writer| writer.held);
                     this.finish_if_done();
-                    return Poll::Ready(None);
+                    return Poll::Ready(held.map(|data| Ok(Frame::data(data))));
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -1165,12 +1165,16 @@ impl Body for UpstreamResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done && self.sending.is_none() && self.held.is_none()
+        self.framing == Framing::Done && self.sending.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         // Bytes held back (see `poll_frame`) are still to come.
-        let held = self.held.as_ref().map_or(0, |data| data.len() as u64);
+        let held = self
+            .sending
+            .as_ref()
+            .and_then(|writer| writer.held.as_ref())
+            .map_or(0, |data| data.len() as u64);
         match self.framing {
             Framing::Length(remaining) => SizeHint::with_exact(remaining + held),
             Framing::Done => SizeHint::with_exact(held),
@@ -1191,7 +1195,6 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
-            held: None,
         };
         let mut out = Vec::new();
         while let Some(data) = body.next_from_buffer()? {
@@ -1365,7 +1368,6 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
-            held: None,
         };
         let mut out = Vec::new();
         for byte in wire {
