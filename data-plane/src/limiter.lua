@@ -59,16 +59,11 @@ local limits = {}
 local arg = 2
 local key = 1
 for j = 1, tonumber(ARGV[1]) do
-  local l = {window = ARGV[arg] == '1', limit = tonumber(ARGV[arg + 1]), span = ARGV[arg + 2]}
-  l.k = KEYS[key]
-  if l.window then
-    l.n = KEYS[key + 1]
-    l.length = tonumber(l.span)
-    key = key + 2
-  else
-    key = key + 1
-  end
-  limits[j] = l
+  -- Every field in the constructor: a field added later costs a rehash of the table.
+  local window = ARGV[arg] == '1'
+  limits[j] = {window = window, limit = tonumber(ARGV[arg + 1]), span = ARGV[arg + 2],
+    k = KEYS[key], n = window and KEYS[key + 1], length = window and tonumber(ARGV[arg + 2])}
+  key = key + (window and 2 or 1)
   arg = arg + 3
 end
 
@@ -144,16 +139,14 @@ local function advance(l, c, now, first)
         return
       end
     end
-    local fields = {now}
+    local values
+    local skip = 1
     if first then
-      fields[2] = 't'
-      fields[3] = 'x'
+      skip = 3
+      values = redis.call('HMGET', l.n, now, 't', 'x', unpack(gone))
+    else
+      values = redis.call('HMGET', l.n, now, unpack(gone))
     end
-    local skip = #fields
-    for i = 1, #gone do
-      fields[skip + i] = gone[i]
-    end
-    local values = redis.call('HMGET', l.n, unpack(fields))
     c.bucket = tonumber(values[1] or '0')
     if first then
       c.count = tonumber(values[2] or '0')
@@ -178,6 +171,8 @@ local function advance(l, c, now, first)
 end
 
 local out = {}
+-- The limits of the group at hand (reused from group to group: indexes are parsed once).
+local group = {}
 for _ = 1, tonumber(ARGV[arg]) do
   local now = ARGV[arg + 1]
   local size = tonumber(ARGV[arg + 2])
@@ -187,10 +182,12 @@ for _ = 1, tonumber(ARGV[arg]) do
   local room = size
   for i = 1, n do
     local l = limits[tonumber(ARGV[first + i - 1])]
+    group[i] = l
     local c = cache[l.k]
     if l.window then
       if c == nil then
-        c = {now = now, count = 0, bucket = 0, pending = 0, latest = 0, covered = 0}
+        c = {now = now, t = 0, count = 0, bucket = 0, pending = 0, dirty = false, written = false,
+          latest = 0, covered = 0}
         cache[l.k] = c
         advance(l, c, now, true)
       elseif c.now ~= now then
@@ -199,7 +196,7 @@ for _ = 1, tonumber(ARGV[arg]) do
         advance(l, c, now, false)
       end
     elseif c == nil then
-      c = {now = now, count = tonumber(redis.call('GET', l.k) or '0'), pending = 0}
+      c = {now = now, count = tonumber(redis.call('GET', l.k) or '0'), pending = 0, t = 0}
       cache[l.k] = c
     end
     if l.limit - c.count < room then
@@ -212,7 +209,7 @@ for _ = 1, tonumber(ARGV[arg]) do
   local base = #out + 1
   out[base] = room
   for i = 1, n do
-    local l = limits[tonumber(ARGV[first + i - 1])]
+    local l = group[i]
     local c = cache[l.k]
     c.count = c.count + room
     c.pending = c.pending + room
@@ -248,17 +245,12 @@ for j = 1, #limits do
     end
     -- The total (milliseconds left the window after the last write) and the new note, in one
     -- HSET.
-    local fields = {}
-    if c.dirty then
-      fields[1] = 't'
-      fields[2] = int(c.count)
-    end
-    if extend then
-      fields[#fields + 1] = 'x'
-      fields[#fields + 1] = int(c.covered)
-    end
-    if #fields > 0 then
-      redis.call('HSET', l.n, unpack(fields))
+    if c.dirty and extend then
+      redis.call('HSET', l.n, 't', int(c.count), 'x', int(c.covered))
+    elseif c.dirty then
+      redis.call('HSET', l.n, 't', int(c.count))
+    elseif extend then
+      redis.call('HSET', l.n, 'x', int(c.covered))
     end
     if extend then
       redis.call('PEXPIRE', l.k, int(ttl))
