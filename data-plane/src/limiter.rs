@@ -240,7 +240,10 @@ impl RedisLimiter {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(timeout))
+            // The batching task times each call itself, with one long-lived timer (see
+            // `run_batches`): a timer set per call wakes the runtime's I/O driver (a write to
+            // its eventfd, and one more epoll_wait) whenever it is the earliest one.
+            .set_response_timeout(None)
             .set_number_of_retries(1);
         let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
@@ -305,6 +308,10 @@ async fn run_batches(
 ) {
     let script = redis::Script::new(include_str!("limiter.lua"));
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Rings at or before the deadline of the call in flight. Moved only when it has rung (or
+    // would ring after the call's deadline): under load about once per timeout, not per call.
+    let alarm = tokio::time::sleep(timeout);
+    tokio::pin!(alarm);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A request whose caller is gone (its client left) is not counted. One that waited
         // longer than the timeout for its batch (Redis slow, or a backlog of several batches)
@@ -320,12 +327,25 @@ async fn run_batches(
             continue;
         }
         let (invocation, groups) = invocation(&script, &batch);
-        let result: Result<Vec<i64>, String> =
-            match tokio::time::timeout(timeout, invocation.invoke_async(&mut connection)).await {
-                Ok(Ok(values)) => Ok(values),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-            };
+        let deadline = tokio::time::Instant::now() + timeout;
+        if alarm.is_elapsed() || alarm.deadline() > deadline {
+            alarm.as_mut().reset(deadline);
+        }
+        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                biased;
+                answer = &mut call => break answer.map_err(|error| error.to_string()),
+                () = &mut alarm => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break Err(format!("no answer within {timeout:?}"));
+                    }
+                    // It rang for an earlier call: now for this one.
+                    alarm.as_mut().reset(deadline);
+                }
+            }
+        };
         match result {
             Ok(values) => answer_groups(&mut batch, &groups, &values),
             Err(error) => {
@@ -976,6 +996,98 @@ mod tests {
             "one millisecond, its count, the total and `x`"
         );
         delete_keys(&[times_key, counts_key]).await;
+    }
+
+    /// A redis-server of the test's own (on a free port), stopped with SIGSTOP: the connection
+    /// stays open and nothing answers, so only the limiter's own timer ends a call. Each call
+    /// to a stalled Redis ends within about the timeout (the first, and one after the breaker
+    /// let a probe through, when the timer has rung for an earlier call), and decisions come
+    /// from Redis again once it runs.
+    #[tokio::test]
+    async fn a_stalled_redis_times_out_every_call_and_recovers() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        /// Kills the server however the test ends.
+        struct Server(std::process::Child);
+        impl Drop for Server {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let server = Server(
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (on the machine; see README)"),
+        );
+        let signal = |name: &str| {
+            let sent = std::process::Command::new("kill")
+                .args([name, &server.0.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(sent.success(), "kill {name}");
+        };
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let timeout = Duration::from_millis(100);
+        let mut redis = None;
+        for _ in 0..100 {
+            if let Ok(connected) = RedisLimiter::connect(&url, timeout).await {
+                redis = Some(connected);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let redis = redis.expect("the test's redis-server answers");
+        let checks = || vec![check("{tgunit}:stall", 100, Span::Window(60_000))];
+        let now = || {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        // Asks until Redis decides (each failure opens the breaker for a second).
+        let decided = || async {
+            let mut answer = redis.decide(checks(), now()).await;
+            for _ in 0..10 {
+                if answer.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1_100)).await;
+                answer = redis.decide(checks(), now()).await;
+            }
+            answer
+        };
+        // Running: decided by Redis (the first call also loads the script).
+        let first = decided().await;
+        assert!(matches!(first, Ok(Decision::Admitted(_))), "{first:?}");
+
+        signal("-STOP");
+        for round in 0..2 {
+            let started = std::time::Instant::now();
+            let stalled = redis.decide(checks(), now()).await;
+            let took = started.elapsed();
+            assert!(stalled.is_err(), "round {round}: {stalled:?}");
+            assert!(
+                took >= timeout && took < Duration::from_secs(1),
+                "round {round}: answered after {took:?}"
+            );
+            // The breaker is open: no call at all.
+            let started = std::time::Instant::now();
+            assert!(redis.decide(checks(), now()).await.is_err());
+            assert!(started.elapsed() < timeout, "the open breaker skips Redis");
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+        }
+
+        signal("-CONT");
+        let recovered = decided().await;
+        // The stalled calls ran when Redis did (counted there, answered here by the policy).
+        match recovered {
+            Ok(Decision::Admitted(usages)) => assert!(usages[0].count >= 2, "{usages:?}"),
+            other => panic!("Redis decides again: {other:?}"),
+        }
     }
 
     #[test]
