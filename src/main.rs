@@ -63,6 +63,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(threads) = threads {
         runtime.worker_threads(threads.max(1));
     }
+    if matches!(cli.command, Command::DataPlane(_)) {
+        // The limiter's calls to Redis wait for the data plane to go idle (see `pacing`).
+        tollgate_data_plane::pacing::install(&mut runtime);
+    }
     let runtime = runtime
         .enable_all()
         .build()

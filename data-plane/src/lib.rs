@@ -28,6 +28,7 @@ pub mod health;
 pub mod jwt;
 pub mod lane;
 pub mod limiter;
+pub mod pacing;
 pub mod persist;
 pub mod proxy;
 pub mod router;

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::pacing::{self, Admitted};
 use tollgate_shared::limits::{self, period_end};
 use tollgate_shared::{FailurePolicy, QuotaPeriod};
 
@@ -229,6 +230,10 @@ fn limit_args(check: &Check, now_ms: i64) -> LimitArgs<'_> {
     }
 }
 
+/// Shortest timeout with which the batching task may wait for the runtime to go idle before a
+/// call (see [`pacing`]): the wait must stay well inside it.
+const PACED_TIMEOUT: Duration = Duration::from_millis(4);
+
 /// How long an open breaker skips Redis before letting one request probe it.
 const BREAKER_OPEN_MS: i64 = 1_000;
 /// Most requests decided by one script call.
@@ -300,7 +305,8 @@ impl RedisLimiter {
 }
 
 /// The batching task: takes whatever requests are queued (up to [`MAX_BATCH`]), decides them
-/// in one script call, answers each, yields twice, and repeats. Ends when the limiter is dropped.
+/// in one script call, answers each, then, after a busy call, waits for the runtime to go idle
+/// (see [`pacing`]) or else yields twice, and repeats. Ends when the limiter is dropped.
 async fn run_batches(
     mut connection: redis::aio::ConnectionManager,
     timeout: Duration,
@@ -312,7 +318,28 @@ async fn run_batches(
     // would ring after the call's deadline): under load about once per timeout, not per call.
     let alarm = tokio::time::sleep(timeout);
     tokio::pin!(alarm);
+    // The same for the waits before calls (see `pacing`).
+    let hold_alarm = tokio::time::sleep(pacing::HOLD);
+    tokio::pin!(hold_alarm);
+    let paced = pacing::hooked() && timeout >= PACED_TIMEOUT;
+    // The wait before the next call: until when, and slow waits in a row (waits stop after
+    // a few), or when to try again.
+    let mut hold_until = None;
+    let mut slow_waits = 0;
+    let mut try_again = tokio::time::Instant::now();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if let Some(until) = hold_until.take() {
+            let started = tokio::time::Instant::now();
+            let idle = wait_for_idle(&mut queue, &mut batch, until, hold_alarm.as_mut()).await;
+            if idle && started.elapsed() <= pacing::FAST {
+                slow_waits = 0;
+            } else {
+                slow_waits += 1;
+                if slow_waits >= pacing::SLOW_WAITS {
+                    try_again = tokio::time::Instant::now() + pacing::PROBE;
+                }
+            }
+        }
         // A request whose caller is gone (its client left) is not counted. One that waited
         // longer than the timeout for its batch (Redis slow, or a backlog of several batches)
         // follows its failure policy rather than wait for another call.
@@ -346,6 +373,7 @@ async fn run_batches(
                 }
             }
         };
+        let busy = batch.len() >= pacing::BUSY_BATCH;
         match result {
             Ok(values) => answer_groups(&mut batch, &groups, &values),
             Err(error) => {
@@ -354,8 +382,18 @@ async fn run_batches(
                 }
             }
         }
-        // Let the requests just answered, and those whose data has arrived, run before the
-        // next call: they forward to their upstreams now (rather than each being preempted by
+        let answered = tokio::time::Instant::now();
+        if paced && busy && (slow_waits < pacing::SLOW_WAITS || answered >= try_again) {
+            if answered >= try_again {
+                // Trying again: one more slow wait stops them for another while.
+                slow_waits = slow_waits.min(pacing::SLOW_WAITS - 1);
+            }
+            // The next call waits for the runtime to go idle (see `pacing`).
+            hold_until = Some(answered + pacing::HOLD);
+            continue;
+        }
+        // Without that wait: let the requests just answered, and those whose data has arrived,
+        // run before the next call: they forward to their upstreams now (rather than each being preempted by
         // Redis waking for the next call), and the ones that reach their limits join the next
         // batch. Two passes of the scheduler (each also polls for I/O): the first runs the
         // answered requests, the second the requests their traffic let in. Idle, this costs
@@ -364,6 +402,54 @@ async fn run_batches(
         // to 4 and later up to 6, measured no better.)
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until the runtime is about to park with no request admitted by Redis still waiting
+/// for its upstream, or until `until`, taking queued requests into `batch` meanwhile (it goes
+/// at once when full). Returns whether the runtime went idle (or the batch filled) first.
+async fn wait_for_idle(
+    queue: &mut tokio::sync::mpsc::UnboundedReceiver<Pending>,
+    batch: &mut Vec<Pending>,
+    until: tokio::time::Instant,
+    mut alarm: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    let take_queued = |queue: &mut tokio::sync::mpsc::UnboundedReceiver<Pending>,
+                       batch: &mut Vec<Pending>| {
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+    };
+    let waiting = pacing::Waiting::start();
+    loop {
+        // Registered before looking at the queue: a signal from now on is not lost.
+        let idle = waiting.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        take_queued(queue, batch);
+        if batch.len() >= MAX_BATCH {
+            return true;
+        }
+        // Rings at or before `until` (moved only when it has rung, as the call's alarm).
+        if alarm.is_elapsed() || alarm.deadline() > until {
+            alarm.as_mut().reset(until);
+        }
+        tokio::select! {
+            biased;
+            () = &mut idle => {
+                take_queued(queue, batch);
+                return true;
+            }
+            () = alarm.as_mut() => {
+                if tokio::time::Instant::now() >= until {
+                    take_queued(queue, batch);
+                    return false;
+                }
+            }
+        }
     }
 }
 
@@ -560,9 +646,11 @@ impl Limiter {
     }
 
     /// Decides a request: one Redis round trip, or memory; failure policies when Redis fails.
-    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> Decision {
+    /// A request Redis admitted also gets a guard to hold until its upstream answers (see
+    /// [`pacing`](crate::pacing)).
+    pub async fn decide(&self, checks: Vec<Check>, now_ms: i64) -> (Decision, Option<Admitted>) {
         if !self.redis_configured {
-            return self.memory.decide(&checks, now_ms, 1);
+            return (self.memory.decide(&checks, now_ms, 1), None);
         }
         // Known before the checks go to Redis (they come back when Redis fails, unless they
         // were lost with the batching task).
@@ -570,24 +658,31 @@ impl Limiter {
         let redis = self.redis.load_full();
         let checks = match redis {
             Some(redis) => match redis.decide(checks, now_ms).await {
-                Ok(decision) => return decision,
+                Ok(decision) => {
+                    let admitted = matches!(decision, Decision::Admitted(_))
+                        .then(Admitted::new)
+                        .flatten();
+                    return (decision, admitted);
+                }
                 Err(checks) => checks,
             },
             None => checks,
         };
         self.degraded.fetch_add(1, Ordering::Relaxed);
         if fail_closed {
-            return Decision::Unavailable;
+            return (Decision::Unavailable, None);
         }
         let local: Vec<Check> = checks
             .into_iter()
             .filter(|c| c.policy == FailurePolicy::Local)
             .collect();
         if local.is_empty() {
-            return Decision::Admitted(Vec::new());
+            return (Decision::Admitted(Vec::new()), None);
         }
-        self.memory
-            .decide(&local, now_ms, self.live_nodes.load(Ordering::Relaxed))
+        let decision = self
+            .memory
+            .decide(&local, now_ms, self.live_nodes.load(Ordering::Relaxed));
+        (decision, None)
     }
 }
 
@@ -1088,6 +1183,92 @@ mod tests {
             Ok(Decision::Admitted(usages)) => assert!(usages[0].count >= 2, "{usages:?}"),
             other => panic!("Redis decides again: {other:?}"),
         }
+    }
+
+    /// On a runtime with the pacing hook (as the `tollgate` binary runs the data plane): after
+    /// a busy call, the next one waits while requests it admitted are still with their
+    /// upstreams (their guards alive), and goes once they have answered and the runtime is
+    /// idle; with the guards kept, it goes after the longest wait. Decisions stay Redis's.
+    #[test]
+    fn after_a_busy_call_the_next_waits_for_admitted_requests_upstreams() {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_all();
+        pacing::install(&mut builder);
+        let runtime = builder.build().expect("runtime");
+        runtime.block_on(async {
+            let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(2))
+                .await
+                .expect("the machine's Redis on 127.0.0.1:6379");
+            let limiter = std::sync::Arc::new(Limiter::new("unused".into(), true));
+            limiter.redis.store(Some(std::sync::Arc::new(redis)));
+            let key = format!("{{tgunit-{:x}}}:paced", rand::random::<u64>());
+            let checks = vec![check(&key, 1_000, Span::Window(60_000))];
+            let now = 1_900_000_000_000;
+            // A busy call: more requests than `BUSY_BATCH`, queued before the batching task
+            // runs. Their guards stand for requests still with their upstreams.
+            let busy = |count: usize| {
+                let tasks: Vec<_> = (0..count)
+                    .map(|_| {
+                        let (limiter, checks) = (limiter.clone(), checks.clone());
+                        tokio::spawn(async move { limiter.decide(checks, now).await })
+                    })
+                    .collect();
+                async move {
+                    let mut guards = Vec::new();
+                    for task in tasks {
+                        let (decision, guard) = task.await.expect("task");
+                        assert!(matches!(decision, Decision::Admitted(_)), "{decision:?}");
+                        guards.push(guard.expect("a Redis admission is counted"));
+                    }
+                    guards
+                }
+            };
+            // The script is loaded by the first call.
+            let warm = limiter.decide(checks.clone(), now).await;
+            assert!(matches!(warm.0, Decision::Admitted(_)), "{warm:?}");
+            drop(warm);
+
+            // Guards kept: the next call waits the longest wait, then goes.
+            let guards = busy(2 * pacing::BUSY_BATCH).await;
+            let started = std::time::Instant::now();
+            let (decision, _) = limiter.decide(checks.clone(), now).await;
+            let waited = started.elapsed();
+            assert!(matches!(decision, Decision::Admitted(_)), "{decision:?}");
+            assert!(
+                waited >= pacing::HOLD && waited < Duration::from_secs(1),
+                "waited {waited:?}"
+            );
+            drop(guards);
+
+            // Guards dropped later: the next call goes only after that.
+            let guards = busy(2 * pacing::BUSY_BATCH).await;
+            let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let next = {
+                let (limiter, checks, dropped) = (limiter.clone(), checks.clone(), dropped.clone());
+                tokio::spawn(async move {
+                    let (decision, _) = limiter.decide(checks, now).await;
+                    (decision, dropped.load(Ordering::SeqCst))
+                })
+            };
+            // Yielding never parks the runtime: the waiting call cannot go.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            dropped.store(true, Ordering::SeqCst);
+            drop(guards);
+            let (decision, after_drop) = next.await.expect("task");
+            match decision {
+                Decision::Admitted(usages) => {
+                    assert_eq!(usages[0].count, 2 + 4 * pacing::BUSY_BATCH as u64 + 1);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(
+                after_drop,
+                "the call went while admitted requests were upstream"
+            );
+            delete_keys(&limits::window_keys(&key)).await;
+        });
     }
 
     #[test]

@@ -224,10 +224,14 @@ async fn proxy(
         || client_ip(shared, peer.ip(), &parts.headers),
         now_ms,
     );
+    // Held until the upstream answers (see `pacing`).
+    let mut admitted = None;
     let usage = if checks.is_empty() {
         None
     } else {
-        match shared.limiter.decide(checks, now_ms).await {
+        let (decision, guard) = shared.limiter.decide(checks, now_ms).await;
+        admitted = guard;
+        match decision {
             Decision::Admitted(usages) => closest_to_limit(&usages),
             Decision::Limited(usages, index) => {
                 // A refusal always names one of the request's limits.
@@ -346,6 +350,7 @@ async fn proxy(
                 }
             }
             Ok(Ok(response)) => {
+                drop(admitted.take());
                 // Hop-by-hop headers are already left out.
                 let (mut head, mut body) = response.into_parts();
                 if let Some(lines) = body.raw_headers_mut() {

@@ -1,0 +1,119 @@
+//! When the limiter's batching task sends its next call to Redis.
+//!
+//! A call decides the requests that queued while the previous one was in flight; the requests
+//! it admits then go to their upstreams. If the next call goes while they are still there, it
+//! competes with them: Redis runs, and the call is answered, while the upstream (on a shared
+//! machine, on the same core) still works on the previous batch. So, after a busy call (at
+//! least [`BUSY_BATCH`] requests), the next call **waits until the runtime is about to park with
+//! no admitted request still waiting for its upstream**: by then every request that could join
+//! it has, and nothing else is left to run. It waits [`HOLD`] at most after the previous
+//! answer (2-3 ms: the runtime's timers count whole milliseconds). Waiting is worth it only
+//! while upstreams answer fast: after [`SLOW_WAITS`] waits in a row longer than [`FAST`] (or
+//! cut at [`HOLD`]), the task stops waiting for [`PROBE`] and sends each call after two
+//! scheduler passes, as it does below [`BUSY_BATCH`] and without the runtime hook
+//! ([`install`]).
+//!
+//! Bench (one core for the data plane, the upstream and Redis; key auth and a Redis limit):
+//! +8% requests/s (paired A/B, CI +5..+11%), the upstream's CPU per request -20%, 13% more
+//! script calls per request (the batches are smaller, but the upstream gets the core whole).
+//!
+//! The state is the process's: the `tollgate` binary runs one data plane per process and
+//! installs the hook; test servers sharing a process share it too, which only changes when
+//! their calls go, never what they decide.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Longest wait that keeps the batching task waiting for the next call.
+pub const FAST: Duration = Duration::from_millis(1);
+/// Longest wait for a call, from the previous call's answer.
+pub const HOLD: Duration = Duration::from_millis(2);
+/// Waits longer than [`FAST`] in a row after which the batching task stops waiting.
+pub const SLOW_WAITS: u32 = 3;
+/// How long the batching task does not wait after [`SLOW_WAITS`] slow ones.
+pub const PROBE: Duration = Duration::from_secs(1);
+/// Fewest requests in a call after which the next call waits: below, the data plane is not
+/// busy enough for a wait to gather more, and a request would only wait longer.
+pub const BUSY_BATCH: usize = 8;
+
+struct Pacing {
+    /// The runtime calls [`before_park`].
+    hooked: AtomicBool,
+    /// Requests a Redis call admitted whose upstream has not answered yet.
+    outstanding: AtomicUsize,
+    /// Batching tasks waiting for [`before_park`].
+    holders: AtomicUsize,
+    signal: tokio::sync::Notify,
+}
+
+static PACING: Pacing = Pacing {
+    hooked: AtomicBool::new(false),
+    outstanding: AtomicUsize::new(0),
+    holders: AtomicUsize::new(0),
+    signal: tokio::sync::Notify::const_new(),
+};
+
+/// Installs the hook on the runtime that runs the data plane.
+pub fn install(builder: &mut tokio::runtime::Builder) {
+    PACING.hooked.store(true, Ordering::Relaxed);
+    builder.on_thread_park(before_park);
+}
+
+/// Called by the runtime before it parks: wakes a waiting batching task when no admitted
+/// request waits for its upstream.
+fn before_park() {
+    if PACING.holders.load(Ordering::Relaxed) > 0 && PACING.outstanding.load(Ordering::Relaxed) == 0
+    {
+        PACING.signal.notify_waiters();
+    }
+}
+
+/// Held by a request a Redis call admitted, until its upstream answers (or it ends).
+#[must_use]
+#[derive(Debug)]
+pub struct Admitted(());
+
+impl Admitted {
+    /// Counts the request, when the hook is installed (nothing to count otherwise).
+    pub fn new() -> Option<Self> {
+        PACING.hooked.load(Ordering::Relaxed).then(|| {
+            PACING.outstanding.fetch_add(1, Ordering::Relaxed);
+            Self(())
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        PACING.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether the runtime calls [`before_park`].
+pub fn hooked() -> bool {
+    PACING.hooked.load(Ordering::Relaxed)
+}
+
+/// A batching task waiting for the runtime to go idle: `notified` completes when it does with
+/// no admitted request at its upstream. Register (the guard), enable the `Notified`, then look
+/// at the queue: no wake-up is lost.
+pub struct Waiting(());
+
+impl Waiting {
+    /// Starts waiting.
+    pub fn start() -> Self {
+        PACING.holders.fetch_add(1, Ordering::Relaxed);
+        Self(())
+    }
+
+    /// The signal to wait for.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'static> {
+        PACING.signal.notified()
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        PACING.holders.fetch_sub(1, Ordering::Relaxed);
+    }
+}
