@@ -331,7 +331,9 @@ async fn run_batches(
         if let Some(until) = hold_until.take() {
             let started = tokio::time::Instant::now();
             let idle = wait_for_idle(&mut queue, &mut batch, until, hold_alarm.as_mut()).await;
-            if idle && started.elapsed() <= pacing::FAST {
+            let fast = idle && started.elapsed() <= pacing::FAST;
+            pacing::count_wait(!fast);
+            if fast {
                 slow_waits = 0;
             } else {
                 slow_waits += 1;
@@ -1267,6 +1269,9 @@ mod tests {
                 after_drop,
                 "the call went while admitted requests were upstream"
             );
+            // Both waits counted (`/metrics`); the one cut at the longest wait as slow.
+            let (waits, slow) = pacing::wait_counts();
+            assert!(waits >= 2 && slow >= 1, "waits {waits}, slow {slow}");
             delete_keys(&limits::window_keys(&key)).await;
         });
     }

@@ -21,7 +21,7 @@
 //! installs the hook; test servers sharing a process share it too, which only changes when
 //! their calls go, never what they decide.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Longest wait that keeps the batching task waiting for the next call.
@@ -44,6 +44,9 @@ struct Pacing {
     /// Batching tasks waiting for [`before_park`].
     holders: AtomicUsize,
     signal: tokio::sync::Notify,
+    /// Calls that waited, and of those the waits longer than [`FAST`] (or cut at [`HOLD`]).
+    waits: AtomicU64,
+    slow_waits: AtomicU64,
 }
 
 static PACING: Pacing = Pacing {
@@ -51,6 +54,8 @@ static PACING: Pacing = Pacing {
     outstanding: AtomicUsize::new(0),
     holders: AtomicUsize::new(0),
     signal: tokio::sync::Notify::const_new(),
+    waits: AtomicU64::new(0),
+    slow_waits: AtomicU64::new(0),
 };
 
 /// Installs the hook on the runtime that runs the data plane.
@@ -87,6 +92,22 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         PACING.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Counts a call that waited: `slow` when the wait took longer than [`FAST`] or was cut.
+pub fn count_wait(slow: bool) {
+    PACING.waits.fetch_add(1, Ordering::Relaxed);
+    if slow {
+        PACING.slow_waits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Calls that waited, and slow waits among them (for `/metrics`).
+pub fn wait_counts() -> (u64, u64) {
+    (
+        PACING.waits.load(Ordering::Relaxed),
+        PACING.slow_waits.load(Ordering::Relaxed),
+    )
 }
 
 /// Whether the runtime calls [`before_park`].

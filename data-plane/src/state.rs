@@ -124,6 +124,7 @@ impl Metrics {
                 counter.load(Ordering::Relaxed)
             ));
         }
+        let (paced, slow) = crate::pacing::wait_counts();
         let gauges = [
             (
                 "tollgate_config_revision",
@@ -154,6 +155,16 @@ impl Metrics {
                 "tollgate_limiter_degraded_total",
                 "Requests whose limits were decided by a failure policy (Redis unavailable).",
                 limiter.degraded.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_limiter_paced_calls_total",
+                "Limiter calls that waited for the data plane to go idle first (see pacing).",
+                paced,
+            ),
+            (
+                "tollgate_limiter_slow_waits_total",
+                "Of those, waits longer than 1 ms or cut at the longest wait.",
+                slow,
             ),
             (
                 "tollgate_live_data_planes",
