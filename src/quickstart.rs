@@ -117,6 +117,7 @@ pub async fn run(
         redis_url: None,
         redis_prefix: "tollgate".into(),
         redis_timeout_ms: 10,
+        limiter_pacing: tollgate_data_plane::pacing::Mode::Auto,
         jwks_ca_file: None,
         jwks_min_refresh_ms: 10_000,
     })

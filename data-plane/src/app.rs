@@ -21,7 +21,7 @@ pub struct DataPlane {
     shared: Arc<Shared>,
     sync: SyncClient,
     limits: crate::server::ConnectionLimits,
-    redis: Option<(tollgate_shared::Secret, Duration)>,
+    redis: Option<(tollgate_shared::Secret, Duration, crate::pacing::Mode)>,
 }
 
 impl DataPlane {
@@ -98,10 +98,10 @@ impl DataPlane {
                 send_timeout: Duration::from_millis(settings.send_timeout_ms),
                 body_timeout: Duration::from_millis(settings.body_timeout_ms),
             },
-            redis: settings
-                .redis_url
-                .clone()
-                .map(|url| (url, Duration::from_millis(settings.redis_timeout_ms))),
+            redis: settings.redis_url.clone().map(|url| {
+                let timeout = Duration::from_millis(settings.redis_timeout_ms);
+                (url, timeout, settings.limiter_pacing)
+            }),
         })
     }
 
@@ -145,11 +145,12 @@ impl DataPlane {
         });
         tracing::info!(proxy = %self.proxy_addr(), status = %self.status_addr(), node_id = %self.sync.node_id, "data plane serving");
         let sync = tokio::spawn(self.sync.run(cancel.clone()));
-        if let Some((url, timeout)) = self.redis.clone() {
+        if let Some((url, timeout, pacing)) = self.redis.clone() {
             let (shared, cancel) = (self.shared.clone(), cancel.clone());
-            tokio::spawn(
-                async move { shared.limiter.connect(url.expose(), timeout, &cancel).await },
-            );
+            tokio::spawn(async move {
+                let url = url.expose();
+                shared.limiter.connect(url, timeout, pacing, &cancel).await;
+            });
         }
         let sweeper = {
             let (shared, cancel) = (self.shared.clone(), cancel.clone());

@@ -242,6 +242,12 @@ const MAX_BATCH: usize = 128;
 impl RedisLimiter {
     /// Connects (lazily reconnecting afterwards) to `url` and starts the batching task.
     pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Self::connect_paced(url, timeout, false).await
+    }
+
+    /// [`RedisLimiter::connect`], its calls paced when `paced` (see [`pacing`]; it also needs
+    /// the runtime hook).
+    pub async fn connect_paced(url: &str, timeout: Duration, paced: bool) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
@@ -252,7 +258,7 @@ impl RedisLimiter {
             .set_number_of_retries(1);
         let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(run_batches(connection, timeout, pending));
+        tokio::spawn(run_batches(connection, timeout, paced, pending));
         Ok(Self {
             queue,
             failures: AtomicU32::new(0),
@@ -310,6 +316,7 @@ impl RedisLimiter {
 async fn run_batches(
     mut connection: redis::aio::ConnectionManager,
     timeout: Duration,
+    paced: bool,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>,
 ) {
     let script = redis::Script::new(include_str!("limiter.lua"));
@@ -321,7 +328,7 @@ async fn run_batches(
     // The same for the waits before calls (see `pacing`).
     let hold_alarm = tokio::time::sleep(pacing::HOLD);
     tokio::pin!(hold_alarm);
-    let paced = pacing::hooked() && timeout >= PACED_TIMEOUT;
+    let paced = paced && pacing::hooked() && timeout >= PACED_TIMEOUT;
     // The wait before the next call: until when, and slow waits in a row (waits stop after
     // a few), or when to try again.
     let mut hold_until = None;
@@ -627,12 +634,14 @@ impl Limiter {
         &self,
         url: &str,
         timeout: Duration,
+        pacing: pacing::Mode,
         cancel: &tokio_util::sync::CancellationToken,
     ) {
+        let paced = pacing.paces(url);
         loop {
-            match RedisLimiter::connect(url, timeout).await {
+            match RedisLimiter::connect_paced(url, timeout, paced).await {
                 Ok(redis) => {
-                    tracing::info!("rate limits and quotas are shared through Redis");
+                    tracing::info!(paced, "rate limits and quotas are shared through Redis");
                     self.redis.store(Some(std::sync::Arc::new(redis)));
                     return;
                 }
@@ -1198,9 +1207,13 @@ mod tests {
         pacing::install(&mut builder);
         let runtime = builder.build().expect("runtime");
         runtime.block_on(async {
-            let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(2))
-                .await
-                .expect("the machine's Redis on 127.0.0.1:6379");
+            let redis = RedisLimiter::connect_paced(
+                "redis://127.0.0.1:6379/0",
+                Duration::from_secs(2),
+                true,
+            )
+            .await
+            .expect("the machine's Redis on 127.0.0.1:6379");
             let limiter = std::sync::Arc::new(Limiter::new("unused".into(), true));
             limiter.redis.store(Some(std::sync::Arc::new(redis)));
             let key = format!("{{tgunit-{:x}}}:paced", rand::random::<u64>());

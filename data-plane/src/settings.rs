@@ -51,6 +51,11 @@ pub struct Settings {
     /// Longest wait for Redis before a limit falls back to its failure policy.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value_t = 10)]
     pub redis_timeout_ms: u64,
+    /// Whether, after a busy limiter call, the next waits for the data plane to go idle with
+    /// no admitted request at its upstream: `auto` (when Redis is on this host: loopback or a
+    /// Unix socket, sharing its cores), `on` or `off`. See `pacing.rs`.
+    #[arg(long, env = "TOLLGATE_LIMITER_PACING", default_value = "auto")]
+    pub limiter_pacing: crate::pacing::Mode,
     /// Shortest time between two JWKS fetches triggered by unknown `kid`s, per JWKS URL.
     #[arg(long, env = "TOLLGATE_JWKS_MIN_REFRESH_MS", default_value_t = 10_000)]
     pub jwks_min_refresh_ms: u64,

@@ -607,6 +607,7 @@ impl TestDp {
             jwks_ca_file: None,
             jwks_min_refresh_ms: 100,
             redis_timeout_ms: 250,
+            limiter_pacing: tollgate_data_plane::pacing::Mode::Auto,
         };
         configure(&mut settings);
         let dp = tollgate_data_plane::DataPlane::build(&settings)
