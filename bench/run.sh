@@ -40,7 +40,9 @@
 #             TOLLGATE_REDIS_PREFIX=bench (and TOLLGATE_REDIS_TIMEOUT_MS=$REDIS_TIMEOUT_MS, 100 by
 #             default) against a redis-server started here (127.0.0.1:18379,
 #             no persistence). Only started when this target is selected; the machine's own
-#             Redis (6379) is never used.
+#             Redis (6379) is never used. TOLLGATE_LIMITER_PACING stays at its default, `auto`,
+#             which paces the limiter's calls because this Redis is on loopback (see
+#             data-plane/src/pacing.rs); set it in the environment to `off` to compare.
 #
 #   Every server (upstream, nginx proxy, Tollgate control plane and data plane, redis-server)
 #   is pinned to CPU $SERVER_CPU with taskset; wrk (`wrk -t1 -c$CONNS -d${DUR}s --latency`) to
