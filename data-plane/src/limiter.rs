@@ -196,6 +196,9 @@ pub struct RedisLimiter {
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
     failures: AtomicU32,
     open_until_ms: AtomicI64,
+    /// Whether its calls are paced (then the requests it admits are counted until their
+    /// upstreams answer; otherwise nothing is counted, see [`pacing`]).
+    paced: bool,
 }
 
 /// One request waiting for its batch.
@@ -258,11 +261,13 @@ impl RedisLimiter {
             .set_number_of_retries(1);
         let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
         let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
+        let paced = paced && pacing::hooked() && timeout >= PACED_TIMEOUT;
         tokio::spawn(run_batches(connection, timeout, paced, pending));
         Ok(Self {
             queue,
             failures: AtomicU32::new(0),
             open_until_ms: AtomicI64::new(0),
+            paced,
         })
     }
 
@@ -328,7 +333,6 @@ async fn run_batches(
     // The same for the waits before calls (see `pacing`).
     let hold_alarm = tokio::time::sleep(pacing::HOLD);
     tokio::pin!(hold_alarm);
-    let paced = paced && pacing::hooked() && timeout >= PACED_TIMEOUT;
     // The wait before the next call: until when, and slow waits in a row (waits stop after
     // a few), or when to try again.
     let mut hold_until = None;
@@ -674,9 +678,8 @@ impl Limiter {
         let checks = match redis {
             Some(redis) => match redis.decide(checks, now_ms).await {
                 Ok(decision) => {
-                    let admitted = matches!(decision, Decision::Admitted(_))
-                        .then(Admitted::new)
-                        .flatten();
+                    let admitted = (redis.paced && matches!(decision, Decision::Admitted(_)))
+                        .then(Admitted::new);
                     return (decision, admitted);
                 }
                 Err(checks) => checks,
@@ -1298,6 +1301,16 @@ mod tests {
             let (decision, _) = limiter.decide(checks.clone(), now).await;
             assert!(matches!(decision, Decision::Admitted(_)), "{decision:?}");
             assert_eq!(pacing::wait_counts(), counted);
+
+            // A limiter whose calls are not paced counts nothing per request.
+            let unpaced = Limiter::new("unused".into(), true);
+            let redis = RedisLimiter::connect("redis://127.0.0.1:6379/0", Duration::from_secs(2))
+                .await
+                .expect("the machine's Redis on 127.0.0.1:6379");
+            unpaced.redis.store(Some(std::sync::Arc::new(redis)));
+            let (decision, guard) = unpaced.decide(checks.clone(), now).await;
+            assert!(matches!(decision, Decision::Admitted(_)), "{decision:?}");
+            assert!(guard.is_none(), "no guard without pacing");
             delete_keys(&limits::window_keys(&key)).await;
         });
     }
