@@ -281,3 +281,73 @@ async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
     )
     .await;
 }
+
+/// The cluster listener refuses a wrong token before any sync; a node that says hello and then
+/// goes silent (a half-open connection: no heartbeat, no frame) is dropped after the idle
+/// timeout and recorded as disconnected, while the control plane keeps sending it cluster
+/// facts in the meantime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = common::settings_for(&db, Some(&token));
+    settings.data_plane_timeout_seconds = 1;
+    let cp = TestApp::start(db, &settings, Some(&token)).await;
+    let request = |bearer: &str| {
+        let mut request = format!("ws://{}/cluster/v1/sync", cp.cluster)
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {bearer}").parse().expect("header value"),
+        );
+        request
+    };
+
+    match tokio_tungstenite::connect_async(request("not-the-cluster-token")).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("a wrong cluster token was not refused with 401: {other:?}"),
+    }
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(common::CLUSTER_TOKEN))
+        .await
+        .expect("the cluster token is accepted");
+    let hello = json!({"type": "hello", "node_id": "silent", "hostname": "h", "version": "0",
+        "protocol": 1, "revision": null, "hash": null});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("hello sent");
+    let started = std::time::Instant::now();
+    let mut frames = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+            frames += 1;
+        }
+    })
+    .await;
+    let silent_for = started.elapsed();
+    assert!(ended.is_ok(), "the silent node was never dropped");
+    assert!(
+        silent_for >= Duration::from_millis(900),
+        "dropped before the idle timeout: {silent_for:?}"
+    );
+    assert!(
+        frames >= 2,
+        "cluster facts kept coming meanwhile ({frames} frames)"
+    );
+    wait_until(
+        Duration::from_secs(2),
+        "recorded as disconnected",
+        || async {
+            let (_, planes) = cp.get("/data-planes").await;
+            planes[0]["node_id"] == "silent" && planes[0]["state"] == "disconnected"
+        },
+    )
+    .await;
+}

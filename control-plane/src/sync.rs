@@ -233,6 +233,12 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
     }
 
     let mut cluster_info = tokio::time::interval(state.idle_timeout / 6);
+    // A node silent for the idle timeout (no heartbeat, no frame at all: a half-open
+    // connection) is dropped. One timer for the connection, moved on by each frame: a timeout
+    // made inside the loop would start again on every pass (the cluster facts tick every
+    // idle_timeout / 6) and never run out.
+    let silence = tokio::time::sleep(state.idle_timeout);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             _ = cluster_info.tick() => {
@@ -258,14 +264,15 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
                         }
                     }
             }
-            incoming = tokio::time::timeout(state.idle_timeout, stream.next()) => {
+            () = &mut silence => {
+                tracing::warn!(node_id = %record.node_id, "data plane silent; dropping it");
+                break;
+            }
+            incoming = stream.next() => {
+                silence.as_mut().reset(tokio::time::Instant::now() + state.idle_timeout);
                 let text = match incoming {
-                    Ok(Some(Ok(Message::Text(text)))) => text,
-                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                    Err(_) => {
-                        tracing::warn!(node_id = %record.node_id, "data plane silent; dropping it");
-                        break;
-                    }
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     _ => break,
                 };
                 match serde_json::from_str::<DpMessage>(&text) {

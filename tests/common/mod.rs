@@ -241,7 +241,8 @@ impl TestApp {
         Self::start(db, &settings, Some(&token)).await
     }
 
-    async fn start(db: TestDb, settings: &Settings, admin_token: Option<&str>) -> Self {
+    /// Starts a control plane on `db` with `settings` (see [`settings_for`]).
+    pub async fn start(db: TestDb, settings: &Settings, admin_token: Option<&str>) -> Self {
         let app = Application::build(settings)
             .await
             .expect("control plane starts");
