@@ -116,6 +116,8 @@ async fn bad_requests_are_refused_and_never_reach_the_upstream() {
         ("encoded traversal", "GET /public/%2e%2e/admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("raw traversal", "GET /public/../admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("dot segment", "GET /public/./a HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("servlet traversal", "GET /public/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
+        ("two Host headers", "GET /public/a HTTP/1.1\r\nHost: x\r\nHost: evil.example\r\n\r\n".into(), "400"),
         ("encoded slash", "GET /public%2f..%2fadmin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("backslash", "GET /public/..\\admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("encoded NUL", "GET /public/a%00 HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
@@ -299,6 +301,38 @@ async fn forwarding_semantics() {
         body["request_id"],
         headers["x-request-id"].to_str().expect("ascii")
     );
+}
+
+/// Behind a trusted proxy the chain is extended, every X-Forwarded-For line of it in order,
+/// and the proxy's X-Forwarded-Proto/-Host are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_extend_the_forwarding_chain() {
+    let s = setup_configured(
+        &[json!({"name": "all", "paths": ["/"], "upstream": "u"})],
+        |settings| settings.trusted_proxies = vec!["127.0.0.1".parse().expect("cidr")],
+    )
+    .await;
+    let (status, _, _) = s
+        .get(
+            "/x",
+            &[
+                ("X-Forwarded-For", "1.1.1.1, 2.2.2.2"),
+                ("X-Forwarded-For", "3.3.3.3"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "api.example.com"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.requests().pop().expect("seen");
+    for (name, value) in [
+        ("x-forwarded-for", "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example.com"),
+    ] {
+        let values: Vec<_> = seen.headers.get_all(name).iter().collect();
+        assert_eq!(values, [value], "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,6 +559,39 @@ async fn http2_cleartext_is_served() {
     assert_eq!(response.status(), 200);
     let seen = s.upstream.requests().pop().expect("seen");
     assert_eq!(seen.body_bytes, 4000);
+}
+
+/// `TOLLGATE_MAX_HEADER_BYTES` holds for HTTP/2 as for HTTP/1: headers up to it pass, more
+/// is a 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_headers_are_limited_by_the_setting() {
+    let s = setup_configured(
+        &[json!({"name": "h2", "paths": ["/h2"], "upstream": "u"})],
+        |settings| settings.max_header_bytes = 40 * 1024,
+    )
+    .await;
+    let client = h2_client(None);
+    let send = |size: usize| {
+        client
+            .get(s.dp.url("/h2/x"))
+            .header("x-big", "a".repeat(size))
+            .send()
+    };
+    let response = send(24 * 1024).await.expect("h2 request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        response.status(),
+        200,
+        "24 KiB of headers under a 40 KiB limit"
+    );
+    let response = send(48 * 1024).await;
+    let status = response.as_ref().map(|r| r.status().as_u16());
+    assert!(matches!(status, Ok(431)), "48 KiB: {response:?}");
+    assert_eq!(
+        s.upstream.requests().len(),
+        1,
+        "only the first reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,7 +169,15 @@ async fn proxy(
 
     let host_header: Option<HeaderValue> = match parts.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => parts.headers.get(HOST).cloned(),
+        None => {
+            // Two Host headers: which one is meant is ambiguous (RFC 9112 3.2: 400).
+            let mut hosts = parts.headers.get_all(HOST).iter();
+            let first = hosts.next().cloned();
+            if hosts.next().is_some() {
+                return Err(ProxyError::BadRequest("more than one Host header".into()));
+            }
+            first
+        }
     };
     let host_value = host_header.as_ref().and_then(|v| v.to_str().ok());
     let host = match host_value {
@@ -444,14 +452,20 @@ impl<'a> Forwarded<'a> {
                 host: Some(host),
             };
         }
-        let for_value = headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|existing| {
-                let peer = peer.to_str().unwrap_or_default();
-                HeaderValue::from_str(&format!("{existing}, {peer}")).ok()
-            })
-            .map_or(Cow::Borrowed(peer), Cow::Owned);
+        // Every X-Forwarded-For line, in order, then the peer: one line upstream.
+        let mut chain = String::new();
+        for line in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(line) = line.to_str() {
+                chain.push_str(line);
+                chain.push_str(", ");
+            }
+        }
+        let for_value = if chain.is_empty() {
+            Cow::Borrowed(peer)
+        } else {
+            chain.push_str(peer.to_str().unwrap_or_default());
+            HeaderValue::from_str(&chain).map_or(Cow::Borrowed(peer), Cow::Owned)
+        };
         Self {
             for_value,
             proto: (!headers.contains_key(&X_FORWARDED_PROTO)).then_some(&HTTP),

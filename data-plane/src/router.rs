@@ -15,7 +15,9 @@
 //!   escapes (`%G1`, a trailing `%`).
 //! - Duplicate slashes are collapsed: `//a///b` becomes `/a/b`.
 //! - After decoding, a `.` or `..` segment is refused, not resolved: `/a/./b`, `/a/..` and
-//!   `/public/%2e%2e/admin` are all errors.
+//!   `/public/%2e%2e/admin` are all errors. So is one followed by `;` parameters
+//!   (`/public/..;/admin`, `/a/.;x/b`): servlet containers (Tomcat, Jetty, Spring) drop a
+//!   segment's parameters and then resolve its dots. Other `;` stay as they are (`/a;v=1/b`).
 //! - A trailing slash is kept: `/users/` stays `/users/`.
 //!
 //! # Host normalization ([`normalize_host`])
@@ -151,9 +153,10 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, BadRequest> {
 fn without_dot_segments(path: &str) -> Result<&str, BadRequest> {
     // A dot segment follows a '/' (paths start with one): most paths have no "/." at all.
     if path.contains("/.")
-        && path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+        && path.split('/').any(|segment| {
+            let name = segment.split_once(';').map_or(segment, |(name, _)| name);
+            name == "." || name == ".."
+        })
     {
         return Err(BadRequest::Path("must not contain '.' or '..' segments"));
     }
@@ -682,6 +685,8 @@ mod tests {
                 ("/caf%c3%a9", "/caf%C3%A9"),
                 ("/a%20b%25", "/a%20b%25"),
                 ("/a/.../b", "/a/.../b"),
+                ("/a;v=1/b;c", "/a;v=1/b;c"),
+                ("/a/...;x/.b;y", "/a/...;x/.b;y"),
                 ("/a/.b/c./", "/a/.b/c./"),
                 ("/a%2e%2eb", "/a..b"),
                 ("/a:b@c!$&'()*+,;=", "/a:b@c!$&'()*+,;="),
@@ -689,6 +694,10 @@ mod tests {
                 ("users", start),
                 ("*", start),
                 ("/public/%2e%2e/admin", dots),
+                ("/public/..;/admin", dots),
+                ("/public/%2e%2e;x=1/admin", dots),
+                ("/a/.;x/b", dots),
+                ("/a/..;", dots),
                 ("/a/%2E/b", dots),
                 ("/a/./b", dots),
                 ("/a/..", dots),

@@ -74,6 +74,8 @@ pub async fn serve_proxy(
         .header_read_timeout(None);
     auto.http2()
         .timer(TokioTimer::new())
+        // The same limit as HTTP/1's (h2 would keep its own 16 KiB); over it, a 431.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW);
     let auto = Arc::new(auto);
