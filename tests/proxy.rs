@@ -615,7 +615,7 @@ async fn load_balancing_choices_and_active_health_checks() {
         "/upstreams",
         json!({"name": "checked", "targets": [{"url": s.upstream.url()}, {"url": format!("http://{closed}")}],
                "health_check": {"path": "/health", "interval_seconds": 1, "timeout_ms": 200,
-                                "unhealthy_threshold": 1, "healthy_threshold": 1}}),
+                                "unhealthy_threshold": 2, "healthy_threshold": 1}}),
     )
     .await;
     for name in ["random", "least", "checked"] {
@@ -668,6 +668,14 @@ async fn load_balancing_choices_and_active_health_checks() {
     .await;
     for _ in 0..20 {
         assert_eq!(s.get("/checked", &[]).await.0, 200);
+    }
+    // A config write that does not touch the upstream keeps the dead target out: its checks'
+    // verdict carries over to the new snapshot (re-learning it takes two probes, a second).
+    s.cp.create("/consumers", json!({"username": "unrelated"}))
+        .await;
+    s.sync().await;
+    for _ in 0..20 {
+        assert_eq!(s.get("/checked", &[]).await.0, 200, "after a config write");
     }
     assert!(
         s.upstream.requests().iter().any(|r| r.path == "/health"),

@@ -297,6 +297,35 @@ impl UpstreamPool {
     }
 }
 
+/// Carries the health-check verdicts of `previous` over to `next`, for each target both have
+/// (same upstream, address and path, same checks): a config write (a new key, say) must not
+/// put a target that failed its checks back in rotation until it fails them again. A target
+/// new to the upstream, or whose checks changed, starts healthy, as without a previous config.
+pub fn carry_health(previous: &Compiled, next: &Compiled) {
+    for pool in &next.upstreams {
+        let Some(check) = &pool.health_check else {
+            continue;
+        };
+        let Some(old) = previous
+            .upstreams
+            .iter()
+            .find(|old| old.name == pool.name && old.health_check.as_ref() == Some(check))
+        else {
+            continue;
+        };
+        for target in &pool.targets {
+            if let Some(was) = old
+                .targets
+                .iter()
+                .find(|was| was.authority == target.authority && was.base_path == target.base_path)
+            {
+                let healthy = was.healthy.load(Ordering::Relaxed);
+                target.healthy.store(healthy, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Nginx's smooth weighted round robin, unrolled once into a schedule of target indexes so
 /// picking needs no lock. Weights are reduced by their gcd; long schedules are scaled down.
 pub fn smooth_weighted_schedule(weights: &[usize]) -> Vec<usize> {

@@ -64,6 +64,9 @@ pub async fn apply(
     .await
     .map_err(|e| format!("compiling panicked: {e}"))??;
     let applied = (compiled.revision, compiled.hash.clone());
+    if let Some(previous) = shared.config.load_full() {
+        crate::config::carry_health(&previous, &compiled);
+    }
     crate::health::watch(&compiled);
     shared.apply(Arc::new(compiled));
     Ok(applied)
