@@ -1759,3 +1759,224 @@ async fn gateway_answer_headers_replace_the_upstreams() {
     assert_eq!(lines(&answer, "ratelimit-limit"), ["999"], "{answer}");
     assert_eq!(lines(&answer, "ratelimit-reset"), ["77"], "{answer}");
 }
+
+/// An upstream that answers a head and then stalls inside the body: the body is cut once the
+/// upstream has been silent for its `timeouts.request_ms` (the client's connection closed, the
+/// upstream's dropped), while one that keeps sending slowly, for longer than that in all, is
+/// passed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_inside_a_body_is_cut_after_its_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let path = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                if path == "/steady" {
+                    // A byte every 150 ms: 750 ms in all, each gap under the 300 ms limit.
+                    for byte in b"hello" {
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        if stream.write_all(&[*byte]).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                // Two bytes, then silence: does the proxy let go of the connection?
+                let _ = stream.write_all(b"he").await;
+                let mut rest = [0u8; 64];
+                let gone = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest));
+                if let Ok(Ok(0) | Err(_)) = gone.await {
+                    let _ = closed.send(path);
+                }
+            });
+        }
+    });
+    let s = setup(&[]).await;
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "stalling", "targets": [{"url": format!("http://{addr}")}],
+               "timeouts": {"request_ms": 300}}),
+    )
+    .await;
+    s.cp.create(
+        "/routes",
+        json!({"name": "stalling", "paths": ["/"], "upstream": "stalling"}),
+    )
+    .await;
+    s.sync().await;
+
+    let steady = s
+        .client
+        .get(s.dp.url("/steady"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(steady.status(), 200);
+    assert_eq!(steady.text().await.expect("whole body"), "hello");
+
+    let started = std::time::Instant::now();
+    let answer =
+        common::raw_request_to_close(s.dp.proxy, b"GET /stalled HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let cut_after = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\nhe"),
+        "the bytes that came: {answer:?}"
+    );
+    assert!(
+        cut_after >= Duration::from_millis(300) && cut_after < Duration::from_secs(3),
+        "cut after {cut_after:?}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(3), closed_rx.recv()).await;
+    assert_eq!(
+        closed.ok().flatten().as_deref(),
+        Some("/stalled"),
+        "the upstream connection is dropped"
+    );
+}
+
+/// With a request body, the upstream's `timeouts.request_ms` bounds the upstream's part, not
+/// the client's: a slow upload that takes longer than it in all passes; an upstream that
+/// answers later than it after the body, or that takes none of a body, gets a 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeouts_with_a_body_count_the_upstreams_time_not_the_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(&[]).await;
+    // An upstream that reads the head and then nothing more.
+    let deaf = {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let listener = socket.listen(16).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = [0u8; 256];
+                let _ = stream.read(&mut head).await;
+                held.push(stream);
+            }
+        });
+        addr
+    };
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "quick", "targets": [{"url": s.upstream.url()}],
+               "timeouts": {"request_ms": 300}}),
+    )
+    .await;
+    s.cp.create(
+        "/upstreams",
+        json!({"name": "deaf", "targets": [{"url": format!("http://{deaf}")}],
+               "timeouts": {"request_ms": 300}}),
+    )
+    .await;
+    for (name, upstream) in [("quick", "quick"), ("deaf", "deaf")] {
+        s.cp.create(
+            "/routes",
+            json!({"name": name, "paths": [format!("/{name}")], "upstream": upstream,
+                   "strip_prefix": true}),
+        )
+        .await;
+    }
+    s.sync().await;
+
+    // 6 x 64 KiB, 150 ms apart: 750 ms of upload against a 300 ms timeout.
+    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+    let paced = futures_util::stream::unfold(0, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent == 6 {
+                return None;
+            }
+            if sent > 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            Some((Ok::<_, std::io::Error>(chunk), sent + 1))
+        }
+    });
+    let response = s
+        .client
+        .post(s.dp.url("/quick/upload"))
+        .body(reqwest::Body::wrap_stream(paced))
+        .send()
+        .await
+        .expect("slow upload");
+    assert_eq!(
+        response.status(),
+        200,
+        "a slow client is not the upstream's fault"
+    );
+    let seen = s.upstream.requests().pop().expect("seen");
+    assert_eq!(seen.body_bytes, 6 * 64 * 1024);
+
+    // The body goes at once, the answer comes 600 ms later: 504.
+    let response = s
+        .client
+        .post(s.dp.url("/quick/slow/600"))
+        .body("small")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 504);
+
+    // An upstream that takes none of an 8 MiB body: 504 once its socket is full and it has
+    // taken nothing for 300 ms.
+    let mut stream = tokio::net::TcpStream::connect(s.dp.proxy)
+        .await
+        .expect("connect");
+    let size = 8 * 1024 * 1024;
+    let head = format!("POST /deaf HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+    let (mut read, mut write) = stream.split();
+    let started = std::time::Instant::now();
+    let sending = async {
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&vec![b'd'; size]).await;
+        std::future::pending::<()>().await;
+    };
+    let mut answer = Vec::new();
+    let reading = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buffer = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    });
+    tokio::select! {
+        () = sending => {}
+        timed = reading => assert!(timed.is_ok(), "no answer from the proxy"),
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "504 after {:?}",
+        started.elapsed()
+    );
+}

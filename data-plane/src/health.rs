@@ -67,8 +67,9 @@ async fn probe(
         headers: &http::HeaderMap::new(),
         added: &[],
         raw_answer: None,
+        read_timeout: Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000)),
     };
-    let timeout = Duration::from_millis(u64::try_from(check.timeout_ms).unwrap_or(1_000));
+    let timeout = head.read_timeout;
     let sent = upstream::send(&target.conns, pool.connect_timeout, &head, None);
     match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(response)) => response.status().is_success() || response.status().is_redirection(),

@@ -339,10 +339,18 @@ async fn proxy(
             headers,
             added: &added,
             raw_answer,
+            read_timeout: pool.request_timeout,
         };
+        // A bodyless request has its whole exchange bounded by the request timeout; one with a
+        // body has the upstream's part of it bounded inside (see `upstream::send`).
         let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
-        match tokio::time::timeout(pool.request_timeout, sent).await {
-            Err(_) => return Err(ProxyError::Timeout),
+        let sent = if has_body {
+            Ok(sent.await)
+        } else {
+            tokio::time::timeout(pool.request_timeout, sent).await
+        };
+        match sent {
+            Err(_) | Ok(Err(SendError::Timeout)) => return Err(ProxyError::Timeout),
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %pool.name, target = %target.authority, attempt, "upstream request failed");
                 match error {

@@ -183,6 +183,10 @@ pub enum SendError {
     /// can be sent again on a fresh connection when it had no body).
     #[error("pooled connection closed by the upstream")]
     Stale,
+    /// The upstream took longer than its request timeout: for the answer's head after the
+    /// request body went whole, or to take more of the body.
+    #[error("the upstream did not answer or read within its request timeout")]
+    Timeout,
 }
 
 /// Headers meaningful only for one hop (RFC 9110 §7.6.1), never forwarded either way (those
@@ -272,6 +276,8 @@ pub struct RequestHead<'a> {
     /// body) rather than in the response's map, less `names` (the gateway sets them on the
     /// answer) and the hop-by-hop ones. Bodyless requests only (the HTTP/1 fast lane).
     pub raw_answer: Option<&'a [&'a HeaderName]>,
+    /// Longest silence of the upstream inside the answer's body (see [`Stall`]).
+    pub read_timeout: Duration,
 }
 
 /// An answer's headers as the lines to send (`name: value\r\n` each, names in lower case),
@@ -365,6 +371,7 @@ async fn exchange(
                 chunked,
                 &mut buf,
                 method,
+                request.read_timeout,
             ))
             .await?
         }
@@ -376,6 +383,7 @@ async fn exchange(
         reusable: reusable && sent_whole,
         raw,
         sending,
+        stall: Stall::new(request.read_timeout),
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
@@ -384,16 +392,26 @@ async fn exchange(
 /// Streams the request body, then reads the final answer unless one came while it streamed;
 /// with whether the body went whole, and the body's writer when an early success came while
 /// it streamed (the response body carries on with it).
+///
+/// `timeout` (the upstream's request timeout) is not a limit on the whole exchange here, as
+/// it is for a bodyless request: a large body from a slow client takes what it takes (the
+/// client's pauses are the body timeout's). It bounds how long the upstream may take none of
+/// the body (see [`Stall`]), then the wait for the answer once the body has gone whole.
 async fn send_body_then_answer(
     stream: &mut TcpStream,
     body: CappedBody,
     chunked: bool,
     buf: &mut BytesMut,
     method: &Method,
+    timeout: Duration,
 ) -> Result<(Answer, bool, Option<Box<BodyWriter>>), SendError> {
-    let mut writer = Box::new(BodyWriter::new(body, chunked));
+    let mut writer = Box::new(BodyWriter::new(body, chunked, timeout));
     match send_body_watching(stream, &mut writer, buf, method).await {
-        Ok(BodyOutcome::Sent) => Ok((read_answer(stream, buf, method, None).await?, true, None)),
+        Ok(BodyOutcome::Sent) => Ok((
+            read_answer_within(timeout, stream, buf, method).await?,
+            true,
+            None,
+        )),
         Ok(BodyOutcome::Refused(answer)) => {
             // The upstream sees the end of our side instead of waiting for bytes that will
             // not come; the client finishes sending so that it can read the answer.
@@ -402,15 +420,15 @@ async fn send_body_then_answer(
             Ok((answer, false, None))
         }
         Ok(BodyOutcome::Duplex(answer)) => Ok((answer, true, Some(writer))),
-        Err(SendError::BodyOverLimit) => {
-            // The client gets a 413: let it finish sending so that it can read it.
+        Err(error @ (SendError::BodyOverLimit | SendError::Timeout)) => {
+            // The client gets a 413 or a 504: let it finish sending so that it can read it.
             writer.body.discard_rest().await;
-            Err(SendError::BodyOverLimit)
+            Err(error)
         }
         Err(SendError::Io(error)) => {
             // The upstream may have answered and closed before reading everything: an answer
             // already received is still the answer.
-            let answer = read_answer(stream, buf, method, None)
+            let answer = read_answer_within(timeout, stream, buf, method)
                 .await
                 .map_err(|_| SendError::Io(error))?;
             writer.body.discard_rest().await;
@@ -532,6 +550,18 @@ async fn read_answer(
     }
 }
 
+/// [`read_answer`] (answers as a map), given up after `timeout`.
+async fn read_answer_within(
+    timeout: Duration,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Answer, SendError> {
+    tokio::time::timeout(timeout, read_answer(stream, buf, method, None))
+        .await
+        .map_err(|_| SendError::Timeout)?
+}
+
 /// A reset while writing to or reading from a reused connection means the upstream closed it.
 fn stale_if_reset(error: io::Error) -> SendError {
     match error.kind() {
@@ -602,16 +632,20 @@ struct BodyWriter {
     /// The answer's last bytes, held back until this body has gone whole (see
     /// `UpstreamResponseBody::poll_frame`).
     held: Option<Bytes>,
+    /// An upstream that takes none of the body for its request timeout (writes waiting on it,
+    /// not on the client) fails the request.
+    stall: Stall,
 }
 
 impl BodyWriter {
-    fn new(body: CappedBody, chunked: bool) -> Self {
+    fn new(body: CappedBody, chunked: bool, write_timeout: Duration) -> Self {
         Self {
             body,
             chunked,
             segments: VecDeque::with_capacity(3),
             ended: false,
             held: None,
+            stall: Stall::new(write_timeout),
         }
     }
 
@@ -628,12 +662,16 @@ impl BodyWriter {
                         return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into())));
                     }
                     Poll::Ready(Ok(written)) => {
+                        self.stall.progress();
                         front.advance(written);
                         if front.is_empty() {
                             self.segments.pop_front();
                         }
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Io(error))),
+                    Poll::Pending if self.stall.expired(cx) => {
+                        return Poll::Ready(Err(SendError::Timeout));
+                    }
                     Poll::Pending => return Poll::Pending,
                 }
             }
@@ -917,6 +955,58 @@ pub struct UpstreamResponseBody {
     raw: Option<RawHeaders>,
     /// The rest of the request body, still being written after an early success.
     sending: Option<Box<BodyWriter>>,
+    stall: Stall,
+}
+
+/// How long an answer's body may go without a byte from the upstream once its head came (as
+/// nginx's `proxy_read_timeout` between two reads): the upstream's `timeouts.request_ms`.
+/// Past it the body ends with an error (the client's connection is closed, as for any body cut
+/// short) and the upstream connection is dropped, instead of holding both for as long as the
+/// upstream likes. The timer is made only when a read has to wait (an answer that comes whole
+/// with its head never has one), and moved only when it rings: a read that brings bytes just
+/// notes the time.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_byte: Option<tokio::time::Instant>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            timer: None,
+            last_byte: None,
+        }
+    }
+
+    /// Bytes came.
+    fn progress(&mut self) {
+        if self.timer.is_some() {
+            self.last_byte = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// A read waits: whether the upstream has now been silent for the limit (else the task is
+    /// woken when it would have been).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let timer = self.timer.get_or_insert_with(|| {
+            self.last_byte = None;
+            Box::pin(tokio::time::sleep(limit))
+        });
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            match self.last_byte.take() {
+                Some(last) if last + limit > tokio::time::Instant::now() => {
+                    timer.as_mut().reset(last + limit);
+                }
+                _ => return true,
+            }
+        }
+    }
 }
 
 impl UpstreamResponseBody {
@@ -1141,6 +1231,18 @@ impl Body for UpstreamResponseBody {
             };
             this.buf.reserve(READ_CHUNK);
             match tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut this.buf) {
+                Poll::Pending if this.stall.expired(cx) => {
+                    tracing::warn!(
+                        limit = ?this.stall.limit,
+                        "upstream sent nothing more of the answer's body; cut"
+                    );
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "upstream stalled inside the answer's body",
+                    ))));
+                }
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(error)) => {
                     this.conn = None;
@@ -1159,7 +1261,7 @@ impl Body for UpstreamResponseBody {
                         "upstream closed the connection before the body ended",
                     ))));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => this.stall.progress(),
             }
         }
     }
@@ -1195,6 +1297,7 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
+            stall: Stall::new(Duration::from_secs(1)),
         };
         let mut out = Vec::new();
         while let Some(data) = body.next_from_buffer()? {
@@ -1228,6 +1331,7 @@ mod tests {
             headers: &headers,
             added: &[(&xff, Some(&peer)), (&consumer, None)],
             raw_answer: None,
+            read_timeout: Duration::from_secs(1),
         };
         let encoded = encode_head(&head, true).expect("a sendable head");
         assert_eq!(
@@ -1368,6 +1472,7 @@ mod tests {
             reusable: false,
             raw: None,
             sending: None,
+            stall: Stall::new(Duration::from_secs(1)),
         };
         let mut out = Vec::new();
         for byte in wire {
