@@ -59,6 +59,8 @@ pub async fn run(
             cluster_token: Some(cluster_token.clone()),
             config_poll_seconds: 5,
             data_plane_timeout_seconds: 30,
+            cluster_tls_cert_file: None,
+            cluster_tls_key_file: None,
             redis_url: None,
             redis_prefix: "tollgate".into(),
         })
@@ -119,6 +121,7 @@ pub async fn run(
         redis_timeout_ms: 10,
         limiter_pacing: tollgate_data_plane::pacing::Mode::Auto,
         jwks_ca_file: None,
+        cluster_ca_file: None,
         jwks_min_refresh_ms: 10_000,
     })
     .await

@@ -351,3 +351,68 @@ async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
     )
     .await;
 }
+
+/// A control plane with a TLS identity on its cluster listener: a data plane given an
+/// `https://` URL and the CA syncs over TLS and serves; one that does not trust the
+/// certificate, and one that speaks in clear, never get a snapshot (nor are they recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_planes_sync_over_tls_when_the_control_plane_has_a_certificate() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let files = tempfile::tempdir().expect("dir");
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = common::settings_for(&db, Some(&token));
+    settings.cluster_tls_cert_file = Some(cert.clone());
+    settings.cluster_tls_key_file = Some(key);
+    let mut broken = settings.clone();
+    broken.cluster_tls_key_file = Some(cert.clone());
+    let refused = tollgate_control_plane::Application::build(&broken).await;
+    let error = refused.err().map(|error| format!("{error:#}"));
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("no private key")),
+        "a key file without a key: {error:?}"
+    );
+    let cp = TestApp::start(db, &settings, Some(&token)).await;
+    let upstream = TestUpstream::start("u").await;
+    cp.upstream_at("u", &upstream.url()).await;
+    cp.create(
+        "/routes",
+        json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
+    )
+    .await;
+    let url = format!("https://localhost:{}", cp.cluster.port());
+    let dirs = [(); 3].map(|()| tempfile::tempdir().expect("dir"));
+
+    let trusting = TestDp::start_configured(cp.cluster, dirs[0].path(), "trusting", |s| {
+        s.control_plane_url = url.clone();
+        s.cluster_ca_file = Some(cert.clone());
+    })
+    .await;
+    trusting.synced_with(&cp).await;
+    let client = client();
+    assert_eq!(status_of(&client, &trusting.url("/r/x")).await, 200);
+
+    let doubting = TestDp::start_configured(cp.cluster, dirs[1].path(), "doubting", |s| {
+        s.control_plane_url = url.clone();
+    })
+    .await;
+    let clear = TestDp::start_configured(cp.cluster, dirs[2].path(), "clear", |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(doubting.revision(&client).await, None, "an unknown CA");
+    assert_eq!(clear.revision(&client).await, None, "no TLS");
+    let (_, planes) = cp.get("/data-planes").await;
+    let names: Vec<_> = planes
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|plane| plane["node_id"].clone())
+        .collect();
+    assert_eq!(names, [json!("trusting")]);
+}

@@ -32,6 +32,8 @@ pub struct AppState {
 pub struct Application {
     admin: TcpListener,
     cluster: Option<TcpListener>,
+    /// The cluster listener's TLS identity, when it has one.
+    cluster_tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     store: Store,
     database_url: String,
@@ -61,6 +63,15 @@ impl Application {
             redis,
             redis_prefix: settings.redis_prefix.clone(),
         });
+        let cluster_tls = match (
+            &settings.cluster_tls_cert_file,
+            &settings.cluster_tls_key_file,
+        ) {
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::server_config(cert, key).context("the cluster listener's TLS")?)
+            }
+            _ => None,
+        };
         let admin = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the admin API to {}", settings.admin_listen))?;
@@ -85,6 +96,7 @@ impl Application {
         Ok(Self {
             admin,
             cluster,
+            cluster_tls,
             router,
             store,
             database_url: settings.database_url(),
@@ -167,9 +179,19 @@ impl Application {
                 idle_timeout: Duration::from_secs(self.settings.data_plane_timeout_seconds),
                 cancel: cancel.clone(),
             });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(cancel.clone().cancelled_owned())
-                .await
+            let stop = cancel.clone().cancelled_owned();
+            match self.cluster_tls {
+                Some(tls) => {
+                    axum::serve(crate::tls::TlsListener::new(listener, tls)?, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+                None => {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            }
         };
         let (admin, cluster) = tokio::join!(admin, cluster);
         cancel.cancel();

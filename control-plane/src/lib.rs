@@ -17,6 +17,7 @@ pub mod extract;
 pub mod settings;
 pub mod store;
 pub mod sync;
+pub mod tls;
 
 pub use app::{AppState, Application};
 pub use settings::{Secret, Settings};

@@ -33,6 +33,13 @@ pub struct Settings {
     /// off (the admin API still works).
     #[arg(long, env = "TOLLGATE_CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<Secret>,
+    /// Certificate chain (PEM, leaf first) of the cluster listener: with
+    /// `TOLLGATE_CLUSTER_TLS_KEY_FILE`, data planes sync over TLS (`https://` URLs).
+    #[arg(long, env = "TOLLGATE_CLUSTER_TLS_CERT_FILE")]
+    pub cluster_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the cluster listener's certificate.
+    #[arg(long, env = "TOLLGATE_CLUSTER_TLS_KEY_FILE")]
+    pub cluster_tls_key_file: Option<PathBuf>,
     /// Seconds between safety-net checks for config written by other replicas (changes
     /// normally arrive at once through Postgres NOTIFY).
     #[arg(long, env = "TOLLGATE_CONFIG_POLL_SECONDS", default_value_t = 5)]
@@ -87,6 +94,11 @@ impl Settings {
             && token.expose().len() < 16
         {
             anyhow::bail!("TOLLGATE_CLUSTER_TOKEN must be at least 16 characters");
+        }
+        if self.cluster_tls_cert_file.is_some() != self.cluster_tls_key_file.is_some() {
+            anyhow::bail!(
+                "TOLLGATE_CLUSTER_TLS_CERT_FILE and TOLLGATE_CLUSTER_TLS_KEY_FILE go together"
+            );
         }
         if self.config_poll_seconds == 0 || self.data_plane_timeout_seconds == 0 {
             anyhow::bail!("poll interval and data-plane timeout must be at least 1 second");

@@ -86,6 +86,10 @@ impl DataPlane {
             sync: SyncClient {
                 shared: shared.clone(),
                 url: sync_url(&settings.control_plane_url),
+                tls: Arc::new(
+                    crate::jwt::tls_client_config(settings.cluster_ca_file.as_deref())
+                        .context("TOLLGATE_CLUSTER_CA_FILE")?,
+                ),
                 token,
                 node_id,
                 data_dir: settings.data_dir.clone(),

@@ -29,26 +29,7 @@ pub type JwksClient = hyper_util::client::legacy::Client<
 
 /// Builds the JWKS client; `extra_ca` is a PEM file of more trusted roots (an internal CA).
 pub fn jwks_client(extra_ca: Option<&std::path::Path>) -> anyhow::Result<JwksClient> {
-    use anyhow::Context;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_ca {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
-            let cert = cert.with_context(|| format!("reading {}", path.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("a certificate in {}", path.display()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = tls_client_config(extra_ca)?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -61,6 +42,38 @@ pub fn jwks_client(extra_ca: Option<&std::path::Path>) -> anyhow::Result<JwksCli
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(connector),
     )
+}
+
+/// A TLS client configuration trusting the Mozilla roots and, when given, the certificates of
+/// the PEM file `extra_ca` (an internal CA).
+pub fn tls_client_config(
+    extra_ca: Option<&std::path::Path>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+            let cert = cert.with_context(|| format!("reading {}", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate in {}", path.display()))?;
+        }
+        anyhow::ensure!(
+            roots.len() > webpki_roots::TLS_SERVER_ROOTS.len(),
+            "no certificate in {}",
+            path.display()
+        );
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// JWKS documents are refreshed this often in the background.

@@ -16,6 +16,10 @@ pub struct Settings {
         default_value = "http://127.0.0.1:8005"
     )]
     pub control_plane_url: String,
+    /// More trusted roots (a PEM file: an internal CA) for an `https://` control plane URL,
+    /// besides the public ones.
+    #[arg(long, env = "TOLLGATE_CLUSTER_CA_FILE")]
+    pub cluster_ca_file: Option<PathBuf>,
     /// Token presented to the control plane's cluster listener (required).
     #[arg(long, env = "TOLLGATE_CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<Secret>,

@@ -25,8 +25,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct SyncClient {
     /// Shared state the snapshots are applied to.
     pub shared: Arc<Shared>,
-    /// `ws://host:port/cluster/v1/sync`.
+    /// `ws://host:port/cluster/v1/sync`, or `wss://` (TLS).
     pub url: String,
+    /// How a `wss://` control plane is verified.
+    pub tls: Arc<rustls::ClientConfig>,
     /// Cluster token.
     pub token: Secret,
     /// Node id.
@@ -35,6 +37,41 @@ pub struct SyncClient {
     pub data_dir: PathBuf,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+}
+
+/// A connection to the control plane, in clear or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Opens the WebSocket of `request` (`ws://` or `wss://`, verified with `tls`).
+async fn connect(
+    request: http::Request<()>,
+    tls: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<(
+    tokio_tungstenite::WebSocketStream<Box<dyn Io>>,
+    http::Response<Option<Vec<u8>>>,
+)> {
+    use anyhow::Context;
+    let uri = request.uri();
+    let secure = uri.scheme_str() == Some("wss");
+    let host = uri
+        .host()
+        .context("the control plane URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = if secure {
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .context("the control plane URL's host is not a valid TLS name")?;
+        let connector = tokio_rustls::TlsConnector::from(tls.clone());
+        Box::new(connector.connect(name, tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    Ok(tokio_tungstenite::client_async(request, io).await?)
 }
 
 /// The sync endpoint for a control-plane base URL (`http://cp:8005` → `ws://cp:8005/cluster/v1/sync`).
@@ -107,11 +144,8 @@ impl SyncClient {
             http::header::AUTHORIZATION,
             http::HeaderValue::from_str(&format!("Bearer {}", self.token.expose()))?,
         );
-        let (socket, _) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_tungstenite::connect_async(request),
-        )
-        .await??;
+        let (socket, _) =
+            tokio::time::timeout(Duration::from_secs(5), connect(request, &self.tls)).await??;
         let (mut sink, mut stream) = socket.split();
         self.shared.metrics.connected.store(1, Ordering::Relaxed);
         let current = self.shared.config.load_full();

@@ -205,6 +205,8 @@ pub fn settings_with_cluster(
         config_poll_seconds: 5,
         // Short, so cluster facts (live data planes) reach test nodes every second.
         data_plane_timeout_seconds: 6,
+        cluster_tls_cert_file: None,
+        cluster_tls_key_file: None,
         redis_url: Some(Secret::new(REDIS_URL)),
         redis_prefix: "tollgate".into(),
     }
@@ -606,6 +608,7 @@ impl TestDp {
             redis_url: None,
             redis_prefix: "tollgate".into(),
             jwks_ca_file: None,
+            cluster_ca_file: None,
             jwks_min_refresh_ms: 100,
             redis_timeout_ms: 250,
             limiter_pacing: tollgate_data_plane::pacing::Mode::Auto,
