@@ -416,3 +416,64 @@ async fn data_planes_sync_over_tls_when_the_control_plane_has_a_certificate() {
         .collect();
     assert_eq!(names, [json!("trusting")]);
 }
+
+/// A node that connects holding a newer revision than the replica has published (it came from
+/// a replica that is ahead) is answered from the store, not sent back to the older config
+/// until the replica's poll (5 s here) catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ahead_of_the_replica_gets_the_stores_revision_not_an_older_one() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let cp = TestApp::spawn(Backend::Postgres).await;
+    cp.upstream_at("u", "http://127.0.0.1:9").await;
+    let published = cp.revision().await;
+    // Another replica's commit whose NOTIFY this replica has not seen: the store moves on
+    // behind its back.
+    let ahead = cp
+        .db
+        .scalar(
+            "UPDATE config_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+        )
+        .await;
+    assert_eq!(ahead, published + 1);
+
+    let mut request = format!("ws://{}/cluster/v1/sync", cp.cluster)
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::CLUSTER_TOKEN)
+            .parse()
+            .expect("header value"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connected");
+    let hello = json!({"type": "hello", "node_id": "ahead", "hostname": "h", "version": "0",
+        "protocol": 1, "revision": ahead, "hash": "from-the-other-replica"});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("hello sent");
+    let first = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let message: Value = serde_json::from_str(&text).expect("JSON");
+                    if message["type"] == "snapshot" {
+                        return message["snapshot"]["revision"].clone();
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a snapshot within a second (the poll is 5 s)");
+    assert_eq!(
+        first,
+        json!(ahead),
+        "the store's revision, not the stale one"
+    );
+}

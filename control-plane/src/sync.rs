@@ -118,6 +118,9 @@ pub async fn run_change_listener(database_url: String, store: Store, cancel: Can
     }
 }
 
+/// Longest a connecting node waits for this replica to catch up with the revision it holds.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
 /// What the cluster listener's handlers share.
 #[derive(Clone)]
 pub struct ClusterState {
@@ -211,6 +214,25 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
 
     let mut snapshots = state.snapshots.clone();
     let mut sent: Option<i64> = None;
+    // A node that holds a newer revision than this replica has published came from a replica
+    // ahead of this one (this one's NOTIFY not yet in): read the store before answering, or
+    // the node would be sent back to an older config until this replica catches up.
+    if let Some(held) = revision
+        && snapshots
+            .borrow()
+            .as_ref()
+            .is_none_or(|published| published.revision < held)
+    {
+        state.store.committed().notify_one();
+        let caught_up = snapshots.wait_for(|published| {
+            published
+                .as_ref()
+                .is_some_and(|published| published.revision >= held)
+        });
+        if tokio::time::timeout(CATCH_UP, caught_up).await.is_err() {
+            tracing::warn!(node_id = %record.node_id, held, "data plane holds a revision newer than the store's (a restored database?); sending the store's");
+        }
+    }
     let initial = snapshots.borrow_and_update().clone();
     if let Some(published) = initial {
         let up_to_date = record.applied_revision == Some(published.revision)
