@@ -255,19 +255,21 @@ impl UpstreamPool {
                 .url
                 .parse()
                 .map_err(|e| format!("target '{}': {e}", target.url))?;
-            let authority = uri
+            let written = uri
                 .authority()
                 .cloned()
                 .ok_or_else(|| format!("target '{}' has no host", target.url))?;
-            let authority = if authority.port().is_some() {
-                authority
+            // `Host` as the URL names it: without a port when it has none (some upstreams
+            // compare it with their name); the connection goes to port 80 then.
+            let host_header = HeaderValue::from_str(written.as_str())
+                .map_err(|e| format!("target '{}': {e}", target.url))?;
+            let authority = if written.port().is_some() {
+                written
             } else {
-                format!("{}:80", authority.host())
+                format!("{}:80", written.host())
                     .parse()
                     .map_err(|e| format!("target '{}': {e}", target.url))?
             };
-            let host_header = HeaderValue::from_str(authority.as_str())
-                .map_err(|e| format!("target '{}': {e}", target.url))?;
             targets.push(TargetRt {
                 weight: usize::try_from(target.weight).unwrap_or(0),
                 in_flight: AtomicUsize::new(0),
@@ -598,6 +600,22 @@ fn compile_route(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_send_the_host_their_url_names() {
+        let upstream: Upstream = serde_json::from_value(serde_json::json!({"name": "u",
+            "targets": [{"url": "http://api.internal"}, {"url": "http://api.internal:8080/base/"}]}))
+        .expect("upstream");
+        let pool = UpstreamPool::compile(&upstream, &Connections::default()).expect("compiles");
+        let [plain, ported] = &pool.targets[..] else {
+            panic!("two targets");
+        };
+        assert_eq!(plain.host_header, "api.internal");
+        assert_eq!(plain.authority, "api.internal:80");
+        assert_eq!(ported.host_header, "api.internal:8080");
+        assert_eq!(ported.authority, "api.internal:8080");
+        assert_eq!(ported.base_path, "/base");
+    }
 
     #[test]
     fn weighted_schedule_is_smooth_and_proportional() {

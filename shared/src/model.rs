@@ -213,7 +213,9 @@ pub struct Timeouts {
     /// Time allowed to open a connection (1..=60000 ms).
     #[serde(default = "default_connect_ms")]
     pub connect_ms: i64,
-    /// Time allowed for the upstream's response headers (1..=3600000 ms).
+    /// Time the upstream may take for its part of an exchange (1..=3600000 ms): for the
+    /// response headers (counted after the request body, when there is one), for taking any
+    /// more of a request body, and for any silence inside the response body.
     #[serde(default = "default_request_ms")]
     pub request_ms: i64,
 }
