@@ -150,6 +150,69 @@ async fn quickstart_serves_the_demo_and_stops_on_sigterm() {
     );
 }
 
+/// Spawns `command` with its log on a pipe and returns the process and the `name=value` fields
+/// `names` of the first log line containing `marker` (the rest of the log is drained).
+async fn spawn_logged(
+    mut command: Command,
+    marker: &'static str,
+    names: &'static [&'static str],
+) -> (Process, Vec<String>) {
+    let mut child = command
+        .env("TOLLGATE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the process starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let process = Process(child);
+    let fields = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let line = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains(marker))
+            .expect("startup line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        names
+            .iter()
+            .map(|name| {
+                let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
+                line[start..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    })
+    .await
+    .expect("reader");
+    (process, fields)
+}
+
+/// A `tollgate data-plane` process syncing from `cluster`: the process, its proxy and status
+/// addresses.
+async fn spawn_data_plane(
+    cluster: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (Process, String, String) {
+    let mut command = Command::new(BINARY);
+    command
+        .arg("data-plane")
+        .env("TOLLGATE_CONTROL_PLANE_URL", format!("http://{cluster}"))
+        .env("TOLLGATE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .env("TOLLGATE_PROXY_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_STATUS_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_DATA_DIR", dir)
+        .env("TOLLGATE_WORKER_THREADS", "2");
+    // The bound ports are in the startup log line: `data plane serving proxy=… status=…`.
+    let (process, fields) = spawn_logged(command, "data plane serving", &["proxy", "status"]).await;
+    let [proxy, status] = <[String; 2]>::try_from(fields).expect("two fields");
+    (process, proxy, status)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
@@ -163,48 +226,8 @@ async fn data_plane_process_streams_100_mb_each_way_with_flat_memory() {
     .await;
 
     let dir = tempfile::tempdir().expect("dir");
-    let mut child = Command::new(BINARY)
-        .arg("data-plane")
-        .env(
-            "TOLLGATE_CONTROL_PLANE_URL",
-            format!("http://{}", cp.cluster),
-        )
-        .env("TOLLGATE_CLUSTER_TOKEN", CLUSTER_TOKEN)
-        .env("TOLLGATE_PROXY_LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE_STATUS_LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE_DATA_DIR", dir.path())
-        .env("TOLLGATE_WORKER_THREADS", "2")
-        .env("TOLLGATE_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("data plane starts");
-    // The bound ports are in the startup log line: `data plane serving proxy=… status=…`.
-    let stderr = child.stderr.take().expect("stderr");
-    let process = Process(child);
+    let (process, proxy, status) = spawn_data_plane(cp.cluster, dir.path()).await;
     let pid = process.0.id();
-    let (proxy, status) = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        let line = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find(|l| l.contains("data plane serving"))
-            .expect("startup line");
-        // Keep draining so the child never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let field = |name: &str| {
-            let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        };
-        (field("proxy"), field("status"))
-    })
-    .await
-    .expect("reader");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
@@ -328,4 +351,98 @@ async fn export_and_apply_commands_round_trip_the_config() {
         .expect("task");
     assert!(!refused.status.success(), "a wrong token fails the command");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+}
+
+/// The issue's outage, with real processes: a `tollgate control-plane` process killed with
+/// SIGKILL (no goodbye on the sync connection) while four clients load the data-plane process:
+/// every request before, during and after the kill is answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_control_plane_process_under_load_fails_no_request() {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let data = tempfile::tempdir().expect("dir");
+    let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+    let mut command = Command::new(BINARY);
+    command
+        .arg("control-plane")
+        .env("TOLLGATE_DATABASE_URL", &db.url)
+        .env("TOLLGATE_ADMIN_TOKEN", &token)
+        .env("TOLLGATE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .env("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_CLUSTER_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_DATA_DIR", data.path());
+    let (control_plane, fields) =
+        spawn_logged(command, "control plane serving", &["admin", "cluster"]).await;
+    let admin = fields[0].clone();
+    let cluster: std::net::SocketAddr = fields[1]
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .parse()
+        .expect("cluster address");
+
+    let upstream = TestUpstream::start("u").await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    for (path, body) in [
+        (
+            "upstreams",
+            json!({"name": "u", "targets": [{"url": upstream.url()}]}),
+        ),
+        (
+            "routes",
+            json!({"name": "r", "paths": ["/r"], "upstream": "u"}),
+        ),
+    ] {
+        let response = client
+            .post(format!("http://{admin}/admin/v1/{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin API");
+        assert_eq!(response.status(), 201, "{path}");
+    }
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (_data_plane, proxy, _) = spawn_data_plane(cluster, dir.path()).await;
+    let url = format!("http://{proxy}/r");
+    wait_until(Duration::from_secs(15), "the route served", || async {
+        client
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client.get(&url).send().await {
+                        Ok(response) if response.status() == 200 => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(control_plane); // SIGKILL
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for task in load {
+        let (answered, errors) = task.await.expect("load task");
+        ok += answered;
+        failed.extend(errors);
+    }
+    eprintln!("{ok} requests answered 200 across the control plane's SIGKILL");
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert!(ok >= 100, "load ran: {ok} requests");
 }
