@@ -81,6 +81,10 @@ pub fn handle(
     )
 }
 
+/// Longest exchange with an upstream for a request with a body, whose upstream part is
+/// bounded inside the exchange: a day, a backstop only.
+const BODY_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The hyper service of a client connection: each request counted in flight on `activity`
 /// and served by [`handle`]. (Used by hyper-util's auto builder, and by hyper's HTTP/1 server
 /// for the connections the fast lane hands off.)
@@ -342,14 +346,16 @@ async fn proxy(
             read_timeout: pool.request_timeout,
         };
         // A bodyless request has its whole exchange bounded by the request timeout; one with a
-        // body has the upstream's part of it bounded inside (see `upstream::send`).
+        // body has the upstream's part of it bounded inside (see `upstream::send`), and this
+        // timer only as a backstop. (One await of one `Timeout`: two, one per case, made the
+        // pipeline's future larger and every request copy more of it.)
         let sent = upstream::send(&target.conns, pool.connect_timeout, &head, body.take());
-        let sent = if has_body {
-            Ok(sent.await)
+        let limit = if has_body {
+            BODY_BACKSTOP
         } else {
-            tokio::time::timeout(pool.request_timeout, sent).await
+            pool.request_timeout
         };
-        match sent {
+        match tokio::time::timeout(limit, sent).await {
             Err(_) | Ok(Err(SendError::Timeout)) => return Err(ProxyError::Timeout),
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %pool.name, target = %target.authority, attempt, "upstream request failed");

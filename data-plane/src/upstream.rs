@@ -966,42 +966,54 @@ pub struct UpstreamResponseBody {
 /// with its head never has one), and moved only when it rings: a read that brings bytes just
 /// notes the time.
 struct Stall {
-    limit: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The limit, in milliseconds (`request_ms` fits): this sits in every answer's body, which
+    /// is moved with each response, so it is kept small and the timer boxed.
+    limit_ms: u32,
+    armed: Option<Box<Armed>>,
+}
+
+/// A [`Stall`]'s timer, made when a read first has to wait.
+struct Armed {
+    sleep: Pin<Box<tokio::time::Sleep>>,
     last_byte: Option<tokio::time::Instant>,
 }
 
 impl Stall {
     fn new(limit: Duration) -> Self {
         Self {
-            limit,
-            timer: None,
-            last_byte: None,
+            limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
+            armed: None,
         }
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_millis(u64::from(self.limit_ms))
     }
 
     /// Bytes came.
     fn progress(&mut self) {
-        if self.timer.is_some() {
-            self.last_byte = Some(tokio::time::Instant::now());
+        if let Some(armed) = self.armed.as_mut() {
+            armed.last_byte = Some(tokio::time::Instant::now());
         }
     }
 
     /// A read waits: whether the upstream has now been silent for the limit (else the task is
     /// woken when it would have been).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let limit = self.limit;
-        let timer = self.timer.get_or_insert_with(|| {
-            self.last_byte = None;
-            Box::pin(tokio::time::sleep(limit))
+        let limit = self.limit();
+        let armed = self.armed.get_or_insert_with(|| {
+            Box::new(Armed {
+                sleep: Box::pin(tokio::time::sleep(limit)),
+                last_byte: None,
+            })
         });
         loop {
-            if timer.as_mut().poll(cx).is_pending() {
+            if armed.sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            match self.last_byte.take() {
+            match armed.last_byte.take() {
                 Some(last) if last + limit > tokio::time::Instant::now() => {
-                    timer.as_mut().reset(last + limit);
+                    armed.sleep.as_mut().reset(last + limit);
                 }
                 _ => return true,
             }
@@ -1233,7 +1245,7 @@ impl Body for UpstreamResponseBody {
             match tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut this.buf) {
                 Poll::Pending if this.stall.expired(cx) => {
                     tracing::warn!(
-                        limit = ?this.stall.limit,
+                        limit = ?this.stall.limit(),
                         "upstream sent nothing more of the answer's body; cut"
                     );
                     this.conn = None;
