@@ -34,8 +34,9 @@
 #             `auth: {api_key: {}}`, consumer `bench` with one API key sent by wrk as `X-API-Key`.
 #   tollgate-auth-limit  the same data plane process, route `bench-limited` on `/limited`
 #             with `auth: {api_key: {}}` and `rate_limit: {requests: 1e9, window_seconds: 1,
-#             by: consumer}` (an exact sliding window: a Redis sorted set per consumer, never
-#             full here), consumer `bench` with one API key sent by wrk as `X-API-Key`.
+#             by: consumer}` (an exact sliding window: per consumer, a sorted set of the
+#             milliseconds holding admissions and a hash of counts per millisecond; never full
+#             here), consumer `bench` with one API key sent by wrk as `X-API-Key`.
 #             The data plane then runs with TOLLGATE_REDIS_URL=redis://127.0.0.1:18379/0 and
 #             TOLLGATE_REDIS_PREFIX=bench (and TOLLGATE_REDIS_TIMEOUT_MS=$REDIS_TIMEOUT_MS, 100 by
 #             default) against a redis-server started here (127.0.0.1:18379,
