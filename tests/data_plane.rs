@@ -282,7 +282,8 @@ async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
     .await;
 }
 
-/// The cluster listener refuses a wrong token before any sync; a node that says hello and then
+/// The cluster listener refuses a wrong token before any sync, and a node speaking another sync
+/// protocol after its hello (recorded `refused`, with why); a node that says hello and then
 /// goes silent (a half-open connection: no heartbeat, no frame) is dropped after the idle
 /// timeout and recorded as disconnected, while the control plane keeps sending it cluster
 /// facts in the meantime.
@@ -311,6 +312,29 @@ async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
         other => panic!("a wrong cluster token was not refused with 401: {other:?}"),
     }
+
+    // A node speaking another sync protocol (another version) is refused, and shown so.
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(common::CLUSTER_TOKEN))
+        .await
+        .expect("the cluster token is accepted");
+    let hello = json!({"type": "hello", "node_id": "future", "hostname": "h", "version": "9",
+        "protocol": 99, "revision": null, "hash": null});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("hello sent");
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(message)) = ws.next().await {
+            assert!(message.is_close(), "nothing but a close: {message:?}");
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a node of another protocol is not kept");
+    let (_, planes) = cp.get("/data-planes").await;
+    assert_eq!(planes[0]["node_id"], "future");
+    assert_eq!(planes[0]["state"], "refused");
+    assert_eq!(planes[0]["live"], false);
+    let error = planes[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sync protocol 99"), "{error}");
 
     let (mut ws, _) = tokio_tungstenite::connect_async(request(common::CLUSTER_TOKEN))
         .await
@@ -346,7 +370,11 @@ async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
         "recorded as disconnected",
         || async {
             let (_, planes) = cp.get("/data-planes").await;
-            planes[0]["node_id"] == "silent" && planes[0]["state"] == "disconnected"
+            planes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|plane| plane["node_id"] == "silent" && plane["state"] == "disconnected")
         },
     )
     .await;

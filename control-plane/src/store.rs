@@ -171,7 +171,7 @@ pub struct DataPlaneRecord {
     pub applied_revision: Option<i64>,
     /// Hash of that snapshot.
     pub applied_hash: Option<String>,
-    /// `connected`, `synced`, `nacked` or `disconnected`.
+    /// `connected`, `synced`, `nacked`, `disconnected` or `refused`.
     pub state: String,
     /// The last nack reason, until a later ack.
     pub error: Option<String>,
@@ -779,7 +779,7 @@ impl Store {
     /// Data planes connected and heard from since `since` (Unix ms).
     pub async fn count_live_data_planes(&self, since: i64) -> Result<i64, StoreError> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS live FROM data_planes WHERE state <> 'disconnected' AND last_seen >= $1",
+            "SELECT COUNT(*) AS live FROM data_planes WHERE state NOT IN ('disconnected', 'refused') AND last_seen >= $1",
         )
         .bind(since)
         .fetch_one(&self.pool)

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tollgate_shared::sync::{CpMessage, DpMessage, SYNC_PATH};
+use tollgate_shared::sync::{CpMessage, DpMessage, PROTOCOL_VERSION, SYNC_PATH};
 
 use crate::settings::Secret;
 use crate::store::{CHANGE_CHANNEL, DataPlaneRecord, Store, StoreError, now_ms};
@@ -187,9 +187,9 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
         node_id,
         hostname,
         version,
+        protocol,
         revision,
         hash,
-        ..
     }) = hello
     else {
         tracing::warn!("data plane did not say hello; closing");
@@ -209,6 +209,19 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
         connected_at: now,
         control_plane: state.replica_id.clone(),
     };
+    if protocol != PROTOCOL_VERSION {
+        // Its snapshots would not read on the other side: say so where operators look, and
+        // close (the node retries with its backoff, and is served once one side is upgraded).
+        let reason = format!(
+            "sync protocol {protocol}, this control plane speaks {PROTOCOL_VERSION}: run the same Tollgate version on both"
+        );
+        tracing::warn!(node_id = %record.node_id, version = %record.version, %reason, "data plane refused");
+        record.state = "refused".into();
+        record.error = Some(reason);
+        save(&state.store, &record).await;
+        let _ = sink.send(Message::Close(None)).await;
+        return;
+    }
     tracing::info!(node_id = %record.node_id, hostname = %record.hostname, revision = ?record.applied_revision, "data plane connected");
     save(&state.store, &record).await;
 

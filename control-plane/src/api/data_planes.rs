@@ -26,7 +26,8 @@ pub struct DataPlane {
     pub applied_revision: Option<i64>,
     /// Whether that is the current revision.
     pub in_sync: bool,
-    /// `connected`, `synced`, `nacked` or `disconnected`.
+    /// `connected`, `synced`, `nacked`, `disconnected`, or `refused` (a sync protocol this
+    /// control plane does not speak; `error` says which).
     pub state: String,
     /// Connected and heard from recently.
     pub live: bool,
@@ -54,7 +55,8 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DataPlane>>,
             .into_iter()
             .map(|record| DataPlane {
                 in_sync: record.applied_revision == Some(revision),
-                live: record.state != "disconnected" && now - record.last_seen < timeout_ms,
+                live: !matches!(record.state.as_str(), "disconnected" | "refused")
+                    && now - record.last_seen < timeout_ms,
                 node_id: record.node_id,
                 hostname: record.hostname,
                 version: record.version,
