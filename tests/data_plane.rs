@@ -35,6 +35,48 @@ async fn upstream_name(client: &reqwest::Client, url: &str) -> Option<String> {
     )
 }
 
+/// A raw sync connection, as a data plane opens it.
+type SyncSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the sync WebSocket of the control plane at `cluster`, presenting `bearer`.
+async fn sync_socket(
+    cluster: std::net::SocketAddr,
+    bearer: &str,
+) -> Result<SyncSocket, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{cluster}/cluster/v1/sync")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {bearer}").parse().expect("header value"),
+    );
+    Ok(tokio_tungstenite::connect_async(request).await?.0)
+}
+
+/// Connects with the cluster token and says hello as `node_id` speaking `protocol`, holding
+/// `revision` (with a hash no snapshot has).
+async fn hello(
+    cluster: std::net::SocketAddr,
+    node_id: &str,
+    protocol: u32,
+    revision: Option<i64>,
+) -> SyncSocket {
+    use futures_util::SinkExt;
+    let mut ws = sync_socket(cluster, common::CLUSTER_TOKEN)
+        .await
+        .expect("the cluster token is accepted");
+    let hello = json!({"type": "hello", "node_id": node_id, "hostname": "h", "version": "0",
+        "protocol": protocol, "revision": revision, "hash": revision.map(|_| "elsewhere")});
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        hello.to_string().into(),
+    ))
+    .await
+    .expect("hello sent");
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_reach_the_data_plane_within_a_second() {
     let cp = TestApp::spawn(Backend::Postgres).await;
@@ -289,39 +331,23 @@ async fn refused_snapshot_is_nacked_and_the_previous_one_kept() {
 /// facts in the meantime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+    use futures_util::StreamExt;
 
     let db = common::TestDb::new(Backend::Postgres).await;
     let token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
     let mut settings = common::settings_for(&db, Some(&token));
     settings.data_plane_timeout_seconds = 1;
     let cp = TestApp::start(db, &settings, Some(&token)).await;
-    let request = |bearer: &str| {
-        let mut request = format!("ws://{}/cluster/v1/sync", cp.cluster)
-            .into_client_request()
-            .expect("request");
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {bearer}").parse().expect("header value"),
-        );
-        request
-    };
 
-    match tokio_tungstenite::connect_async(request("not-the-cluster-token")).await {
-        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+    match sync_socket(cp.cluster, "not-the-cluster-token").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
         other => panic!("a wrong cluster token was not refused with 401: {other:?}"),
     }
 
     // A node speaking another sync protocol (another version) is refused, and shown so.
-    let (mut ws, _) = tokio_tungstenite::connect_async(request(common::CLUSTER_TOKEN))
-        .await
-        .expect("the cluster token is accepted");
-    let hello = json!({"type": "hello", "node_id": "future", "hostname": "h", "version": "9",
-        "protocol": 99, "revision": null, "hash": null});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("hello sent");
+    let mut ws = hello(cp.cluster, "future", 99, None).await;
     let closed = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(message)) = ws.next().await {
             assert!(message.is_close(), "nothing but a close: {message:?}");
@@ -336,14 +362,7 @@ async fn silent_data_planes_are_dropped_and_wrong_cluster_tokens_refused() {
     let error = planes[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("sync protocol 99"), "{error}");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(request(common::CLUSTER_TOKEN))
-        .await
-        .expect("the cluster token is accepted");
-    let hello = json!({"type": "hello", "node_id": "silent", "hostname": "h", "version": "0",
-        "protocol": 1, "revision": null, "hash": null});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("hello sent");
+    let mut ws = hello(cp.cluster, "silent", 1, None).await;
     let started = std::time::Instant::now();
     let mut frames = 0;
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
@@ -450,8 +469,8 @@ async fn data_planes_sync_over_tls_when_the_control_plane_has_a_certificate() {
 /// until the replica's poll (5 s here) catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_ahead_of_the_replica_gets_the_stores_revision_not_an_older_one() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
 
     let cp = TestApp::spawn(Backend::Postgres).await;
     cp.upstream_at("u", "http://127.0.0.1:9").await;
@@ -466,23 +485,7 @@ async fn a_node_ahead_of_the_replica_gets_the_stores_revision_not_an_older_one()
         .await;
     assert_eq!(ahead, published + 1);
 
-    let mut request = format!("ws://{}/cluster/v1/sync", cp.cluster)
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", common::CLUSTER_TOKEN)
-            .parse()
-            .expect("header value"),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connected");
-    let hello = json!({"type": "hello", "node_id": "ahead", "hostname": "h", "version": "0",
-        "protocol": 1, "revision": ahead, "hash": "from-the-other-replica"});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("hello sent");
+    let mut ws = hello(cp.cluster, "ahead", 1, Some(ahead)).await;
     let first = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match ws.next().await {
@@ -504,4 +507,45 @@ async fn a_node_ahead_of_the_replica_gets_the_stores_revision_not_an_older_one()
         json!(ahead),
         "the store's revision, not the stale one"
     );
+}
+
+/// A node that moved to another replica (its old connection ends after the new one began) is
+/// not marked disconnected by the replica it left: a record is only written by the node's
+/// latest connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_moved_replicas_is_not_marked_disconnected_by_the_old_one() {
+    let cp1 = TestApp::spawn(Backend::Postgres).await;
+    let cp2 = TestApp::spawn_on(cp1.db.share(), Some(&cp1.token)).await;
+    let mut old = hello(cp1.cluster, "mover", 1, None).await;
+    wait_until(
+        Duration::from_secs(2),
+        "recorded on the first replica",
+        || async {
+            let (_, planes) = cp2.get("/data-planes").await;
+            planes[0]["node_id"] == "mover"
+        },
+    )
+    .await;
+    let (_, planes) = cp2.get("/data-planes").await;
+    let first_replica = planes[0]["control_plane"].clone();
+    // Connected at a later millisecond than the first connection.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _new = hello(cp2.cluster, "mover", 1, None).await;
+    wait_until(
+        Duration::from_secs(2),
+        "recorded on the second replica",
+        || async {
+            let (_, planes) = cp2.get("/data-planes").await;
+            planes[0]["control_plane"] != first_replica
+        },
+    )
+    .await;
+    old.close(None).await.expect("closed");
+    drop(old);
+    // The first replica has long seen the close when this looks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, planes) = cp2.get("/data-planes").await;
+    assert_ne!(planes[0]["state"], "disconnected", "{planes}");
+    assert_ne!(planes[0]["control_plane"], first_replica, "{planes}");
+    assert_eq!(planes[0]["live"], true, "{planes}");
 }

@@ -752,6 +752,11 @@ impl Store {
     // ------------------------------------------------------------ data planes
 
     /// Records a data plane's state (insert or update by node id). Not a config write.
+    ///
+    /// Only the node's latest connection writes: a record from an older one (on the replica the
+    /// node left: its last heartbeat, its disconnection) leaves the newer record as it is.
+    /// Connections are ordered by `connected_at`, each replica's clock: replicas' clocks would
+    /// have to differ by more than the old connection's age to get the order wrong.
     pub async fn upsert_data_plane(&self, record: &DataPlaneRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO data_planes (node_id, hostname, version, applied_revision, applied_hash, \
@@ -759,7 +764,8 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (node_id) DO UPDATE SET hostname = $2, version = $3, \
              applied_revision = $4, applied_hash = $5, state = $6, error = $7, last_seen = $8, \
-             connected_at = $9, control_plane = $10",
+             connected_at = $9, control_plane = $10 \
+             WHERE data_planes.connected_at <= $9",
         )
         .bind(&record.node_id)
         .bind(&record.hostname)
