@@ -549,3 +549,50 @@ async fn a_node_that_moved_replicas_is_not_marked_disconnected_by_the_old_one() 
     assert_ne!(planes[0]["control_plane"], first_replica, "{planes}");
     assert_eq!(planes[0]["live"], true, "{planes}");
 }
+
+/// A snapshot message larger than the WebSocket library's default limits (16 MiB a frame)
+/// reaches the node whole: this one is not a valid snapshot, so the node answers a nack, where
+/// with the defaults it would have dropped the connection and reconnected forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_larger_than_16_mib_reach_the_node() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let cluster = listener.local_addr().expect("addr");
+    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("the node connects");
+        let mut ws = tokio_tungstenite::accept_async(stream)
+            .await
+            .expect("handshake");
+        let _hello = ws.next().await;
+        let big = format!(
+            r#"{{"type": "snapshot", "hash": "x", "pad": "{}"}}"#,
+            "p".repeat(20 << 20)
+        );
+        ws.send(Message::Text(big.into())).await.expect("sent");
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Text(text) = message {
+                let reply: Value = serde_json::from_str(&text).expect("JSON");
+                if reply["type"] != "heartbeat" {
+                    let _ = reply_tx.send(reply);
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let _dp = TestDp::start(cluster, dir.path(), "big").await;
+    let reply = tokio::time::timeout(Duration::from_secs(20), reply_rx.recv())
+        .await
+        .expect("an answer to the 20 MiB message")
+        .expect("answer");
+    assert_eq!(reply["type"], "nack", "{reply}");
+    assert!(
+        reply["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("unreadable")),
+        "{reply}"
+    );
+}

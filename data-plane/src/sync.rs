@@ -71,8 +71,16 @@ async fn connect(
     } else {
         Box::new(tcp)
     };
-    Ok(tokio_tungstenite::client_async(request, io).await?)
+    // Snapshots come as one message in one frame: tungstenite's defaults (16 MiB a frame) would
+    // refuse those of large configs (some 100 000 API keys), and the node would only reconnect.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_SNAPSHOT_BYTES))
+        .max_frame_size(Some(MAX_SNAPSHOT_BYTES));
+    Ok(tokio_tungstenite::client_async_with_config(request, io, Some(config)).await?)
 }
+
+/// Largest sync message (a snapshot) a data plane takes.
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 
 /// The sync endpoint for a control-plane base URL (`http://cp:8005` → `ws://cp:8005/cluster/v1/sync`).
 pub fn sync_url(control_plane_url: &str) -> String {
