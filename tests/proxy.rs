@@ -118,6 +118,7 @@ async fn bad_requests_are_refused_and_never_reach_the_upstream() {
         ("dot segment", "GET /public/./a HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("servlet traversal", "GET /public/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("two Host headers", "GET /public/a HTTP/1.1\r\nHost: x\r\nHost: evil.example\r\n\r\n".into(), "400"),
+        ("two Host headers, absolute-form", "GET http://x/public/a HTTP/1.1\r\nHost: x\r\nHost: evil.example\r\n\r\n".into(), "400"),
         ("encoded slash", "GET /public%2f..%2fadmin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("backslash", "GET /public/..\\admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
         ("encoded NUL", "GET /public/a%00 HTTP/1.1\r\nHost: x\r\n\r\n".into(), "400"),
@@ -317,6 +318,7 @@ async fn trusted_proxies_extend_the_forwarding_chain() {
             "/x",
             &[
                 ("X-Forwarded-For", "1.1.1.1, 2.2.2.2"),
+                ("X-Forwarded-For", ""),
                 ("X-Forwarded-For", "3.3.3.3"),
                 ("X-Forwarded-Proto", "https"),
                 ("X-Forwarded-Host", "api.example.com"),
@@ -1979,4 +1981,61 @@ async fn request_timeouts_with_a_body_count_the_upstreams_time_not_the_clients()
         "504 after {:?}",
         started.elapsed()
     );
+}
+
+/// An upstream that echoes a body as it reads it, to a client that stops reading the answer
+/// for longer than the upstream's request timeout: the upstream stops reading only because it
+/// cannot write, which is not its stall. The echo comes back whole once the client reads.
+/// (Whether the body's writer is the one waiting when reading resumes depends on the sockets'
+/// timing; this guards the path, it does not force that case.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_to_a_client_that_pauses_reading_is_not_cut_as_a_stall() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(&[]).await;
+    s.add_raw_upstream().await;
+    s.cp.patch("/upstreams/raw", json!({"timeouts": {"request_ms": 300}}))
+        .await;
+    s.sync().await;
+    const SIZE: usize = 32 * 1024 * 1024;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let stream = socket.connect(s.dp.proxy).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let head =
+            format!("POST /raw/early-echo HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n");
+        write.write_all(head.as_bytes()).await.expect("head");
+        let chunk = vec![b'e'; 64 * 1024];
+        for _ in 0..SIZE / chunk.len() {
+            write.write_all(&chunk).await.expect("body");
+        }
+        write
+    });
+    // Read the head, then nothing for longer than the upstream's timeout.
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = read.read(&mut buffer).await.expect("read");
+        assert!(n > 0, "closed before the head");
+        received.extend_from_slice(&buffer[..n]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 200"));
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head")
+        + 4;
+    let mut body = received.len() - head_end;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reading = tokio::time::timeout(Duration::from_secs(60), async {
+        while body < SIZE {
+            match read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body += n,
+            }
+        }
+    });
+    assert!(reading.await.is_ok(), "echo stalled");
+    assert_eq!(body, SIZE, "the whole echo came back");
+    drop(sender.await.expect("sender"));
 }

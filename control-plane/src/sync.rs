@@ -276,31 +276,11 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
     tokio::pin!(silence);
     loop {
         tokio::select! {
-            _ = cluster_info.tick() => {
-                let since = now_ms() - i64::try_from(state.idle_timeout.as_millis()).unwrap_or(i64::MAX);
-                if let Ok(live) = state.store.count_live_data_planes(since).await {
-                    let message = CpMessage::Cluster { live_data_planes: u64::try_from(live).unwrap_or(1).max(1) };
-                    let text = serde_json::to_string(&message).unwrap_or_default();
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let latest = snapshots.borrow_and_update().clone();
-                if let Some(published) = latest
-                    && sent.is_none_or(|sent| sent < published.revision) {
-                        sent = Some(published.revision);
-                        if sink.send(Message::Text(published.message.clone())).await.is_err() {
-                            break;
-                        }
-                    }
-            }
-            () = &mut silence => {
-                tracing::warn!(node_id = %record.node_id, "data plane silent; dropping it");
+            // In this order: frames waiting in the socket count before the silence timer, which
+            // a long pass (a large snapshot to a slow link) may have let run out meanwhile.
+            biased;
+            () = state.cancel.cancelled() => {
+                let _ = sink.send(Message::Close(None)).await;
                 break;
             }
             incoming = stream.next() => {
@@ -336,8 +316,31 @@ async fn serve_data_plane(state: ClusterState, socket: WebSocket) {
                 record.last_seen = now_ms();
                 save(&state.store, &record).await;
             }
-            () = state.cancel.cancelled() => {
-                let _ = sink.send(Message::Close(None)).await;
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let latest = snapshots.borrow_and_update().clone();
+                if let Some(published) = latest
+                    && sent.is_none_or(|sent| sent < published.revision) {
+                        sent = Some(published.revision);
+                        if sink.send(Message::Text(published.message.clone())).await.is_err() {
+                            break;
+                        }
+                    }
+            }
+            _ = cluster_info.tick() => {
+                let since = now_ms() - i64::try_from(state.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+                if let Ok(live) = state.store.count_live_data_planes(since).await {
+                    let message = CpMessage::Cluster { live_data_planes: u64::try_from(live).unwrap_or(1).max(1) };
+                    let text = serde_json::to_string(&message).unwrap_or_default();
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            () = &mut silence => {
+                tracing::warn!(node_id = %record.node_id, "data plane silent; dropping it");
                 break;
             }
         }

@@ -171,17 +171,15 @@ async fn proxy(
         .as_ref()
         .is_some_and(|body| !hyper::body::Body::is_end_stream(body));
 
+    // Two Host headers: which one is meant is ambiguous (RFC 9112 3.2: 400).
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header".into()));
+    }
     let host_header: Option<HeaderValue> = match parts.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => {
-            // Two Host headers: which one is meant is ambiguous (RFC 9112 3.2: 400).
-            let mut hosts = parts.headers.get_all(HOST).iter();
-            let first = hosts.next().cloned();
-            if hosts.next().is_some() {
-                return Err(ProxyError::BadRequest("more than one Host header".into()));
-            }
-            first
-        }
+        None => first_host.cloned(),
     };
     let host_value = host_header.as_ref().and_then(|v| v.to_str().ok());
     let host = match host_value {
@@ -469,8 +467,10 @@ impl<'a> Forwarded<'a> {
         // Every X-Forwarded-For line, in order, then the peer: one line upstream.
         let mut chain = String::new();
         for line in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(line) = line.to_str() {
-                chain.push_str(line);
+            if let Ok(line) = line.to_str()
+                && !line.trim().is_empty()
+            {
+                chain.push_str(line.trim());
                 chain.push_str(", ");
             }
         }

@@ -347,7 +347,15 @@ async fn exchange(
     request: &RequestHead<'_>,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     let method = request.method;
-    stream.write_all(&head).await.map_err(stale_if_reset)?;
+    if body.is_none() {
+        // The caller bounds a bodyless exchange as a whole.
+        stream.write_all(&head).await.map_err(stale_if_reset)?;
+    } else {
+        tokio::time::timeout(request.read_timeout, stream.write_all(&head))
+            .await
+            .map_err(|_| SendError::Timeout)?
+            .map_err(stale_if_reset)?;
+    }
     // The head's buffer, once sent, receives the answer (one allocation for both), unless the
     // head was large: the answer's header values are slices of this buffer and keep it alive.
     let mut buf = head;
@@ -419,7 +427,10 @@ async fn send_body_then_answer(
             writer.body.discard_rest().await;
             Ok((answer, false, None))
         }
-        Ok(BodyOutcome::Duplex(answer)) => Ok((answer, true, Some(writer))),
+        Ok(BodyOutcome::Duplex(answer)) => {
+            writer.stall = None;
+            Ok((answer, true, Some(writer)))
+        }
         Err(error @ (SendError::BodyOverLimit | SendError::Timeout)) => {
             // The client gets a 413 or a 504: let it finish sending so that it can read it.
             writer.body.discard_rest().await;
@@ -633,8 +644,10 @@ struct BodyWriter {
     /// `UpstreamResponseBody::poll_frame`).
     held: Option<Bytes>,
     /// An upstream that takes none of the body for its request timeout (writes waiting on it,
-    /// not on the client) fails the request.
-    stall: Stall,
+    /// not on the client) fails the request. Not after an early answer: the upstream may then
+    /// stop reading only because it cannot write its answer to a client that reads slowly, and
+    /// the answer's own timer watches it.
+    stall: Option<Stall>,
 }
 
 impl BodyWriter {
@@ -645,7 +658,7 @@ impl BodyWriter {
             segments: VecDeque::with_capacity(3),
             ended: false,
             held: None,
-            stall: Stall::new(write_timeout),
+            stall: Some(Stall::new(write_timeout)),
         }
     }
 
@@ -662,14 +675,16 @@ impl BodyWriter {
                         return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into())));
                     }
                     Poll::Ready(Ok(written)) => {
-                        self.stall.progress();
+                        if let Some(stall) = self.stall.as_mut() {
+                            stall.progress();
+                        }
                         front.advance(written);
                         if front.is_empty() {
                             self.segments.pop_front();
                         }
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Io(error))),
-                    Poll::Pending if self.stall.expired(cx) => {
+                    Poll::Pending if self.stall.as_mut().is_some_and(|stall| stall.expired(cx)) => {
                         return Poll::Ready(Err(SendError::Timeout));
                     }
                     Poll::Pending => return Poll::Pending,
@@ -967,22 +982,22 @@ pub struct UpstreamResponseBody {
 /// notes the time.
 struct Stall {
     /// The limit, in milliseconds (`request_ms` fits): this sits in every answer's body, which
-    /// is moved with each response, so it is kept small and the timer boxed.
+    /// is moved with each response, so it is kept small, and its timer is one allocation.
     limit_ms: u32,
-    armed: Option<Box<Armed>>,
+    /// When bytes last came, in milliseconds after the timer's start (its deadline less the
+    /// limit); [`NO_PROGRESS`] when none came since.
+    progress_ms: u32,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// A [`Stall`]'s timer, made when a read first has to wait.
-struct Armed {
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    last_byte: Option<tokio::time::Instant>,
-}
+const NO_PROGRESS: u32 = u32::MAX;
 
 impl Stall {
     fn new(limit: Duration) -> Self {
         Self {
-            limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
-            armed: None,
+            limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX - 1),
+            progress_ms: NO_PROGRESS,
+            sleep: None,
         }
     }
 
@@ -992,31 +1007,35 @@ impl Stall {
 
     /// Bytes came.
     fn progress(&mut self) {
-        if let Some(armed) = self.armed.as_mut() {
-            armed.last_byte = Some(tokio::time::Instant::now());
+        if let Some(sleep) = &self.sleep {
+            let start = sleep.deadline() - self.limit();
+            let since = tokio::time::Instant::now().saturating_duration_since(start);
+            self.progress_ms = u32::try_from(since.as_millis()).unwrap_or(NO_PROGRESS - 1);
         }
     }
 
-    /// A read waits: whether the upstream has now been silent for the limit (else the task is
-    /// woken when it would have been).
+    /// A read or write waits: whether the upstream has now been silent for the limit (else the
+    /// task is woken when it would have been).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let limit = self.limit();
-        let armed = self.armed.get_or_insert_with(|| {
-            Box::new(Armed {
-                sleep: Box::pin(tokio::time::sleep(limit)),
-                last_byte: None,
-            })
+        let sleep = self.sleep.get_or_insert_with(|| {
+            self.progress_ms = NO_PROGRESS;
+            Box::pin(tokio::time::sleep(limit))
         });
         loop {
-            if armed.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            match armed.last_byte.take() {
-                Some(last) if last + limit > tokio::time::Instant::now() => {
-                    armed.sleep.as_mut().reset(last + limit);
-                }
-                _ => return true,
+            if self.progress_ms == NO_PROGRESS {
+                return true;
             }
+            let last =
+                sleep.deadline() - limit + Duration::from_millis(u64::from(self.progress_ms));
+            self.progress_ms = NO_PROGRESS;
+            if last + limit <= tokio::time::Instant::now() {
+                return true;
+            }
+            sleep.as_mut().reset(last + limit);
         }
     }
 }
