@@ -2039,3 +2039,63 @@ async fn an_echo_to_a_client_that_pauses_reading_is_not_cut_as_a_stall() {
     assert_eq!(body, SIZE, "the whole echo came back");
     drop(sender.await.expect("sender"));
 }
+
+/// Route selection end to end: exact host, then `*.` wildcard (not the apex), then routes
+/// without hosts; exact path before prefix; method and header conditions; priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_chosen_by_host_path_method_header_and_priority() {
+    let route = |name: &str, extra: Value| {
+        let mut route = json!({"name": name, "paths": ["/"], "upstream": "u",
+            "transforms": {"request": {"set": {"X-Route": name}}}});
+        for (key, value) in extra.as_object().expect("object") {
+            route[key] = value.clone();
+        }
+        route
+    };
+    let s = setup(&[
+        route("exact-host", json!({"hosts": ["api.example.com"]})),
+        route("wild", json!({"hosts": ["*.example.com"]})),
+        route("any", json!({})),
+        route("exact", json!({"paths": ["/e"], "path_match": "exact"})),
+        route("items", json!({"paths": ["/items"]})),
+        route("posts", json!({"paths": ["/items"], "methods": ["POST"]})),
+        route(
+            "beta",
+            json!({"paths": ["/items"], "headers": {"x-beta": ["1"]}}),
+        ),
+        route("low", json!({"paths": ["/p"], "priority": 1})),
+        route("high", json!({"paths": ["/p"], "priority": 5})),
+    ])
+    .await;
+    for (method, path, headers, want) in [
+        ("GET", "/x", vec![("Host", "api.example.com")], "exact-host"),
+        (
+            "GET",
+            "/items",
+            vec![("Host", "api.example.com")],
+            "exact-host",
+        ),
+        ("GET", "/x", vec![("Host", "v1.example.com")], "wild"),
+        ("GET", "/x", vec![("Host", "a.b.example.com")], "wild"),
+        ("GET", "/x", vec![("Host", "example.com")], "any"),
+        ("GET", "/x", vec![("Host", "other.test")], "any"),
+        ("GET", "/e", vec![], "exact"),
+        ("GET", "/e/x", vec![], "any"),
+        ("GET", "/items/1", vec![], "items"),
+        ("POST", "/items", vec![], "posts"),
+        ("GET", "/items", vec![("X-Beta", "1")], "beta"),
+        ("GET", "/items", vec![("X-Beta", "2")], "items"),
+        ("GET", "/p", vec![], "high"),
+    ] {
+        let mut request = s
+            .client
+            .request(method.parse().expect("method"), s.dp.url(path));
+        for (name, value) in &headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), 200, "{method} {path} {headers:?}");
+        let seen = s.upstream.requests().pop().expect("seen");
+        assert_eq!(seen.headers["x-route"], want, "{method} {path} {headers:?}");
+    }
+}
