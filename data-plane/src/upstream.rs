@@ -347,15 +347,11 @@ async fn exchange(
     request: &RequestHead<'_>,
 ) -> Result<Response<UpstreamResponseBody>, SendError> {
     let method = request.method;
-    if body.is_none() {
-        // The caller bounds a bodyless exchange as a whole.
-        stream.write_all(&head).await.map_err(stale_if_reset)?;
-    } else {
-        tokio::time::timeout(request.read_timeout, stream.write_all(&head))
-            .await
-            .map_err(|_| SendError::Timeout)?
-            .map_err(stale_if_reset)?;
-    }
+    // Not timed here: a head (at most the header limit, tens of KiB) goes into the socket's
+    // buffers whether or not the upstream reads (a body's writes are timed, see `Stall`), and
+    // a bodyless exchange is timed as a whole by the caller. (A second, timed, await here
+    // made this future larger for every request.)
+    stream.write_all(&head).await.map_err(stale_if_reset)?;
     // The head's buffer, once sent, receives the answer (one allocation for both), unless the
     // head was large: the answer's header values are slices of this buffer and keep it alive.
     let mut buf = head;
