@@ -2099,3 +2099,73 @@ async fn routes_are_chosen_by_host_path_method_header_and_priority() {
         assert_eq!(seen.headers["x-route"], want, "{method} {path} {headers:?}");
     }
 }
+
+/// Over HTTP/2 too (raw frames: clients normalise paths before sending them), traversal and
+/// other bad paths are refused with 400 and never reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_paths_over_http2_are_refused_and_never_reach_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(&[json!({"name": "public", "paths": ["/public"], "upstream": "u"})]).await;
+    let paths = [
+        "/public/%2e%2e/admin",
+        "/public/../admin",
+        "/public/..;/admin",
+        "/public%2f..%2fadmin",
+        "/public/a%00",
+    ];
+    // HPACK literal fields without indexing, no Huffman coding.
+    let literal = |block: &mut Vec<u8>, name: &str, value: &str| {
+        block.push(0);
+        block.push(u8::try_from(name.len()).expect("short"));
+        block.extend_from_slice(name.as_bytes());
+        block.push(u8::try_from(value.len()).expect("short"));
+        block.extend_from_slice(value.as_bytes());
+    };
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    for (i, path) in paths.iter().enumerate() {
+        let mut block = Vec::new();
+        literal(&mut block, ":method", "GET");
+        literal(&mut block, ":scheme", "http");
+        literal(&mut block, ":path", path);
+        literal(&mut block, ":authority", "x");
+        let stream = u32::try_from(2 * i + 1).expect("small");
+        let length = u32::try_from(block.len()).expect("small");
+        wire.extend_from_slice(&length.to_be_bytes()[1..]);
+        wire.extend_from_slice(&[1, 0x5]); // HEADERS, END_STREAM | END_HEADERS
+        wire.extend_from_slice(&stream.to_be_bytes());
+        wire.extend_from_slice(&block);
+    }
+    let mut connection = raw_connection(s.dp.proxy, &wire).await;
+    let mut received = Vec::new();
+    let answers = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let heads: Vec<Vec<u8>> = http2_frames(&received)
+                .into_iter()
+                .filter(|(kind, _, _)| *kind == 1)
+                .map(|(_, _, payload)| payload)
+                .collect();
+            if heads.len() == paths.len() {
+                return heads;
+            }
+            let n = connection.read(&mut buffer).await.expect("read");
+            assert!(n > 0, "closed: {:?}", http2_frame_types(&received));
+            received.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await
+    .expect("an answer on every stream");
+    for head in &answers {
+        // `:status 400` is entry 12 of HPACK's static table.
+        assert!(
+            head.first() == Some(&0x8c) || head.windows(3).any(|w| w == b"400"),
+            "not a 400: {head:?}"
+        );
+    }
+    connection.shutdown().await.ok();
+    assert!(
+        s.upstream.requests().is_empty(),
+        "nothing reached the upstream: {:?}",
+        s.upstream.requests()
+    );
+}
