@@ -467,10 +467,9 @@ impl<'a> Forwarded<'a> {
         // Every X-Forwarded-For line, in order, then the peer: one line upstream.
         let mut chain = String::new();
         for line in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(line) = line.to_str()
-                && !line.trim().is_empty()
-            {
-                chain.push_str(line.trim());
+            let line = line.to_str().map(str::trim).unwrap_or_default();
+            if !line.is_empty() {
+                chain.push_str(line);
                 chain.push_str(", ");
             }
         }
